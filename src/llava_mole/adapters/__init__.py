@@ -1,0 +1,33 @@
+"""MoLE and LoRA adapter layers, injection into Hugging Face models, and adapter files."""
+
+from .config import MoLEConfig
+from .inject import AdapterError, apply_mole, count_trainable, merge_lora, merge_mole, unmerge_lora
+from .io import load_adapter, save_adapter
+from .lora import LoRALinear
+from .mole import MoLEMLP
+from .state import (
+    enable_routing_stats,
+    mole_aux_loss,
+    routing_stats,
+    routing_summary,
+    set_token_tags,
+)
+
+__all__ = [
+    "AdapterError",
+    "LoRALinear",
+    "MoLEConfig",
+    "MoLEMLP",
+    "apply_mole",
+    "count_trainable",
+    "enable_routing_stats",
+    "load_adapter",
+    "merge_lora",
+    "merge_mole",
+    "mole_aux_loss",
+    "routing_stats",
+    "routing_summary",
+    "save_adapter",
+    "set_token_tags",
+    "unmerge_lora",
+]

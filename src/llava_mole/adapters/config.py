@@ -1,0 +1,154 @@
+"""Configuration of a MoLE (or plain-LoRA baseline) adapter.
+
+LLaVA-MoLE (Chen et al., 2024, https://arxiv.org/abs/2401.16160) keeps plain LoRA on the
+attention projections and turns every SwiGLU MLP block of the language model into a sparse
+mixture of ``num_experts`` LoRA experts with a per-block top-1 router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+AdapterMode = Literal["mole", "lora"]
+GateWeighting = Literal["prob", "none"]
+BalanceLoss = Literal["switch", "official"]
+Dispatch = Literal["auto", "loop", "grouped_mm", "dense"]
+
+# Fields that change how the adapter computes but not which tensors it holds or what they mean;
+# a saved adapter may be loaded under different values of these.
+RUNTIME_FIELDS = frozenset({"dispatch", "dropout", "balance_coef", "router_z_coef", "balance_loss"})
+
+
+@dataclass
+class MoLEConfig:
+    """Validated settings of a MoLE or plain-LoRA adapter.
+
+    Args:
+        mode: ``"mole"`` (LoRA on attention, K LoRA experts + router per MLP block) or
+            ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear).
+        rank: LoRA rank ``r`` (per expert for MoLE).
+        alpha: LoRA scaling numerator; deltas are scaled by ``alpha / rank``.
+        dropout: dropout on the LoRA input.
+        num_experts: experts per MLP block (``K``). ``1`` behaves exactly as plain LoRA.
+        top_k: experts per token (the paper uses 1).
+        normalize_top_k: renormalise the top-k weights to sum to one. Never with ``top_k=1``:
+            a renormalised single weight is constantly 1 and cuts the router's LM gradient.
+        balance_coef: coefficient of the load-balancing loss.
+        router_z_coef: coefficient of the router z-loss ``mean(logsumexp(logits)^2)``.
+        gate_weighting: ``"prob"`` multiplies the expert delta by the router probability (the
+            LM loss then trains the router); ``"none"`` adds it unweighted as in the official
+            release (the router then learns from the balance loss only).
+        balance_loss: ``"switch"`` (Switch Transformer, ``K * sum_k f_k P_k`` per block, averaged
+            over blocks) or ``"official"`` (the release's per-sample pooled form).
+        attn_targets: attention projections that get plain LoRA.
+        mlp_targets: MLP projections that get LoRA experts (SwiGLU gate/up/down).
+        target_tree: dotted path of the module tree to adapt; ``None`` picks the language model
+            (``model.language_model`` of a LLaVA, ``model`` of a causal LM). Vision towers are
+            never adapted.
+        train_projector: train the multimodal projector fully (LLaVA's instruction tuning does).
+        dispatch: how tokens reach their experts (see ``adapters.dispatch``); ``"auto"`` picks.
+    """
+
+    mode: AdapterMode = "mole"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    num_experts: int = 3
+    top_k: int = 1
+    normalize_top_k: bool = False
+    balance_coef: float = 0.01
+    router_z_coef: float = 0.0
+    gate_weighting: GateWeighting = "prob"
+    balance_loss: BalanceLoss = "switch"
+    attn_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    target_tree: str | None = None
+    train_projector: bool = True
+    dispatch: Dispatch = "auto"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.attn_targets = tuple(self.attn_targets)
+        self.mlp_targets = tuple(self.mlp_targets)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"MoLEConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.mode not in ("mole", "lora"):
+            bad("mode", "must be 'mole' or 'lora'")
+        for name in ("rank", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "must be an integer >= 1")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            bad("alpha", "must be a number")
+        if self.alpha <= 0:
+            bad("alpha", "must be > 0")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            bad("dropout", "must be a number in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if self.top_k > self.num_experts:
+            bad("top_k", f"must be <= num_experts ({self.num_experts})")
+        if self.normalize_top_k and self.top_k == 1:
+            bad(
+                "normalize_top_k",
+                "top_k=1 with renormalised weights gives the router no LM gradient",
+            )
+        for name in ("balance_coef", "router_z_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                bad(name, "must be a number >= 0")
+        if self.gate_weighting not in ("prob", "none"):
+            bad("gate_weighting", "must be 'prob' or 'none'")
+        if self.balance_loss not in ("switch", "official"):
+            bad("balance_loss", "must be 'switch' or 'official'")
+        if self.gate_weighting == "none" and self.balance_coef == 0 and self.num_experts > 1:
+            bad("balance_coef", "must be > 0 with gate_weighting='none' (the router's only signal)")
+        if self.dispatch not in ("auto", "loop", "grouped_mm", "dense"):
+            bad("dispatch", "must be one of 'auto', 'loop', 'grouped_mm', 'dense'")
+        for name in ("attn_targets", "mlp_targets"):
+            value = getattr(self, name)
+            if not all(isinstance(v, str) and v for v in value):
+                bad(name, "must be a list of module names")
+        if self.mode == "mole" and len(self.mlp_targets) == 0:
+            bad("mlp_targets", "MoLE needs at least one MLP projection")
+        if self.target_tree is not None and not isinstance(self.target_tree, str):
+            bad("target_tree", "must be a dotted module path or null")
+        if not isinstance(self.train_projector, bool):
+            bad("train_projector", "must be true or false")
+
+    @property
+    def scaling(self) -> float:
+        """LoRA scale ``alpha / rank``."""
+        return float(self.alpha) / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        data["attn_targets"] = list(self.attn_targets)
+        data["mlp_targets"] = list(self.mlp_targets)
+        if not data["extra"]:
+            data.pop("extra")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoLEConfig:
+        """Build from a dictionary; unknown keys are an error that names them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"MoLEConfig: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MoLEConfig: unknown field {unknown[0]!r} (known: {sorted(known)})")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

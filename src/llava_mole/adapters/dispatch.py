@@ -1,0 +1,238 @@
+"""Token routing and expert dispatch: the one implementation used for training and inference.
+
+A MoLE block sends each token to ``top_k`` of ``K`` LoRA experts. Only the rank-r LoRA deltas
+differ between experts, so the block either
+
+* **groups** tokens by expert once (``argsort`` of the expert index), runs the whole SwiGLU block
+  in that order, and un-sorts the output once (paths ``loop`` and ``grouped_mm``), or
+* computes every expert's rank-r shrink densely as one GEMM over ``K * r`` columns, zeroes the
+  columns of unchosen experts and expands with one GEMM (path ``dense``). With ``K * r`` small
+  next to the model width this costs about as much as LoRA and needs no permutation, which makes
+  it the right choice for short inputs (generation) and for ``top_k > 1``.
+
+Permutations are :class:`PermuteRows` so that their backward is a gather with the inverse
+permutation instead of the scatter-add that ``x[order]`` would use (much slower on GPU). Nothing
+in the ``grouped_mm`` and ``dense`` paths synchronises host and device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+@dataclass
+class Routing:
+    """Router decision for ``N`` tokens.
+
+    Attributes:
+        probs: softmax of the router logits, float32 ``(N, K)``.
+        experts: chosen experts ``(N, top_k)``, int64.
+        weights: gate weight of each chosen expert ``(N, top_k)``, float32 (ones when the
+            gate weighting is ``"none"``).
+    """
+
+    probs: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+
+    def dense_weights(self) -> torch.Tensor:
+        """``(N, K)`` gate weights, zero for experts a token was not sent to."""
+        dense = torch.zeros_like(self.probs)
+        return dense.scatter(1, self.experts, self.weights)
+
+    def one_hot(self) -> torch.Tensor:
+        """``(N, K)`` float indicator of the chosen experts."""
+        return torch.zeros_like(self.probs).scatter(1, self.experts, 1.0)
+
+
+def route(
+    logits: torch.Tensor, top_k: int = 1, gate_weighting: str = "prob", normalize: bool = False
+) -> Routing:
+    """Top-k routing in float32.
+
+    With ``top_k=1`` the weight is the raw max probability (not renormalised): a renormalised
+    single weight is always 1 and the language-model loss could not train the router.
+
+    Args:
+        logits: router logits ``(N, K)``.
+        top_k: experts per token.
+        gate_weighting: ``"prob"`` or ``"none"`` (weight 1, the official release's behaviour).
+        normalize: renormalise the top-k probabilities to sum to one.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_p, experts = probs.topk(top_k, dim=-1)
+    if gate_weighting == "none":
+        weights = torch.ones_like(top_p)
+    elif normalize:
+        weights = top_p / top_p.sum(dim=-1, keepdim=True)
+    else:
+        weights = top_p
+    return Routing(probs=probs, experts=experts, weights=weights)
+
+
+@dataclass
+class ExpertGrouping:
+    """Tokens sorted by expert, computed once per block and reused by gate, up and down.
+
+    Attributes:
+        order: ``order[i]`` is the token at sorted position ``i``.
+        inverse: inverse permutation (``inverse[order[i]] == i``).
+        counts: tokens per expert ``(K,)``.
+        offsets: int32 cumulative ends of each expert's rows, as ``grouped_mm`` expects.
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+    @classmethod
+    def from_experts(cls, experts: torch.Tensor, num_experts: int) -> ExpertGrouping:
+        """Group by a top-1 expert index ``(N,)`` without host synchronisation."""
+        order = torch.argsort(experts, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        counts = torch.bincount(experts, minlength=num_experts)
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        return cls(order=order, inverse=inverse, counts=counts, offsets=offsets)
+
+
+class PermuteRows(torch.autograd.Function):
+    """``x[perm]`` whose backward gathers with the inverse permutation (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Reorder rows of ``x`` by the permutation ``perm`` (``inverse`` is its inverse)."""
+    return PermuteRows.apply(x, perm, inverse)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``grouped_mm``'s backward on torch 2.13 CPU fails on stride-0 gradients (e.g. from
+    ``y.sum()``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _aligned_for_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # grouped_mm needs every row stride to be a multiple of 16 bytes.
+    step = 16 // x.element_size()
+    return x.shape[-1] % step == 0 and weight.shape[-2] % step == 0
+
+
+def grouped_linear(
+    x_sorted: torch.Tensor, weight: torch.Tensor, grouping: ExpertGrouping, path: str
+) -> torch.Tensor:
+    """Per-expert ``x @ weight[k].T`` on rows already sorted by expert.
+
+    Args:
+        x_sorted: ``(N, in)`` rows grouped by expert.
+        weight: ``(K, out, in)`` expert weights.
+        grouping: the block's :class:`ExpertGrouping`.
+        path: ``"loop"`` (one matmul per expert; reads the counts on the host, for CPU) or
+            ``"grouped_mm"`` (one fused kernel, no host sync; falls back to the loop for widths
+            that are not multiples of 16 bytes, which the kernel refuses).
+
+    Returns:
+        ``(N, out)`` in sorted order. Every expert takes part in the graph, even with zero rows,
+        so each gets a (zero) gradient and DDP needs no ``find_unused_parameters``.
+    """
+    if path == "grouped_mm" and _aligned_for_grouped_mm(x_sorted, weight):
+        out = _grouped_mm(x_sorted.contiguous(), weight.transpose(1, 2), grouping.offsets)
+        return _ContiguousGrad.apply(out)
+    chunks = x_sorted.split(grouping.counts.tolist())
+    return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight.unbind(0))])
+
+
+def sorted_lora_delta(
+    x_sorted: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gate_sorted: torch.Tensor,
+    scaling: float,
+    grouping: ExpertGrouping,
+    path: str,
+) -> torch.Tensor:
+    """Expert LoRA delta ``scaling * g * B_e A_e x`` on rows sorted by expert ``e``.
+
+    Args:
+        x_sorted: ``(N, in)`` rows grouped by expert (dropout applied).
+        a: ``(K, r, in)``; b: ``(K, out, r)``.
+        gate_sorted: ``(N, 1)`` gate weight of each row.
+        scaling: ``alpha / r``.
+        grouping: the block's grouping; path: see :func:`grouped_linear`.
+    """
+    h = grouped_linear(x_sorted.to(a.dtype), a, grouping, path)
+    h = h * (gate_sorted.to(h.dtype) * scaling)
+    return grouped_linear(h, b, grouping, path).to(x_sorted.dtype)
+
+
+def dense_lora_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dense_weights: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Expert LoRA delta computed for all experts at once and masked by the routing weights.
+
+    ``sum_k w_k * scaling * B_k A_k x`` with ``w`` zero for unchosen experts; one GEMM over
+    ``K * r`` columns to shrink and one to expand.
+
+    Args:
+        x: ``(N, in)``; a: ``(K, r, in)``; b: ``(K, out, r)``.
+        dense_weights: ``(N, K)`` routing weights (see :meth:`Routing.dense_weights`).
+        scaling: ``alpha / r``.
+    """
+    k, r, _ = a.shape
+    h = F.linear(x.to(a.dtype), a.reshape(k * r, -1)).view(-1, k, r)
+    h = h * (dense_weights.to(h.dtype) * scaling).unsqueeze(-1)
+    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], k * r)
+    return F.linear(h.reshape(-1, k * r), b_cat).to(x.dtype)
+
+
+def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, top_k: int) -> str:
+    """Pick a dispatch path.
+
+    ``auto``: ``dense`` when ``top_k > 1`` or there are few tokens per expert (generation) or the
+    dense shrink over ``K * r`` columns is cheap next to the base GEMMs; otherwise ``grouped_mm``
+    on CUDA and ``loop`` on CPU.
+    """
+    if requested != "auto":
+        if requested == "grouped_mm" and not _HAS_GROUPED_MM:
+            raise RuntimeError("dispatch='grouped_mm' needs torch >= 2.9")
+        if requested in ("loop", "grouped_mm") and top_k > 1:
+            return "dense"
+        return requested
+    n = x.shape[0]
+    if top_k > 1 or n <= 32 * num_experts:
+        return "dense"
+    if x.is_cuda and _HAS_GROUPED_MM and x.dtype == torch.bfloat16:
+        return "grouped_mm"
+    # Dense costs K x LoRA's adapter FLOPs but no permutation; it wins while K*r is small.
+    if num_experts * rank <= 64:
+        return "dense"
+    return "loop"

@@ -1,0 +1,227 @@
+"""Put MoLE (or the plain-LoRA baseline) into a Hugging Face model, in place.
+
+Targets are found by module path, never by bare name: ``q_proj`` also exists in CLIP, so only
+the language model's tree is searched (``model.language_model`` of a transformers-5 LLaVA,
+``model`` of a LLaMA-family causal LM) and any path through a vision tower is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .config import MoLEConfig
+from .lora import LoRALinear
+from .mole import MoLEMLP
+from .state import STATE_ATTR, MoLEState
+
+ADAPTER_ATTR = "_mole_adapter"
+_TREE_CANDIDATES = ("model.language_model", "language_model", "model.model", "model")
+_VISION_WORDS = ("vision_tower", "vision_model", "visual")
+PROJECTOR_NAME = "multi_modal_projector"
+
+
+class AdapterError(ValueError):
+    """A model, adapter file or adapter config that does not fit; the message says what."""
+
+
+@dataclass
+class AdapterInfo:
+    """What ``apply_mole`` did to a model (kept on the model, not saved in its state dict)."""
+
+    config: MoLEConfig
+    target_tree: str
+    trainable: list[str] = field(default_factory=list)
+    state: MoLEState | None = None
+    hooks: list[Any] = field(default_factory=list, repr=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The adapted model inside DDP / accelerate / compile wrappers."""
+    for _ in range(8):
+        if ADAPTER_ATTR in model.__dict__:
+            return model
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
+def adapter_info(model: nn.Module) -> AdapterInfo | None:
+    """The :class:`AdapterInfo` of an adapted model, or ``None``."""
+    return unwrap(model).__dict__.get(ADAPTER_ATTR)
+
+
+def _is_vision(path: str) -> bool:
+    return any(word in path.split(".") for word in _VISION_WORDS)
+
+
+def _find_tree(model: nn.Module, config: MoLEConfig) -> tuple[str, nn.Module]:
+    if config.target_tree is not None:
+        try:
+            tree = model.get_submodule(config.target_tree)
+        except AttributeError:
+            raise AdapterError(
+                f"MoLEConfig.target_tree: the model has no module {config.target_tree!r}"
+            ) from None
+        if _is_vision(config.target_tree):
+            raise AdapterError("MoLEConfig.target_tree: vision towers are never adapted")
+        return config.target_tree, tree
+    for path in _TREE_CANDIDATES:
+        try:
+            tree = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if hasattr(tree, "layers"):
+            return path, tree
+    if hasattr(model, "layers"):
+        return "", model
+    raise AdapterError(
+        f"{type(model).__name__}: no language model found (looked for {list(_TREE_CANDIDATES)} "
+        "with a 'layers' list); set MoLEConfig.target_tree"
+    )
+
+
+def _is_swiglu_mlp(module: nn.Module) -> bool:
+    return all(
+        isinstance(getattr(module, n, None), nn.Linear)
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ) and hasattr(module, "act_fn")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
+    """Adapt ``model`` in place and freeze everything but the adapter (and projector).
+
+    ``mode="mole"``: plain LoRA on ``attn_targets``; each SwiGLU MLP becomes a :class:`MoLEMLP`
+    with ``num_experts`` LoRA experts on ``mlp_targets`` and a top-k router.
+    ``mode="lora"``: plain LoRA on ``attn_targets`` and on every ``mlp_targets`` linear.
+
+    Args:
+        model: a transformers-5 ``LlavaForConditionalGeneration`` or a LLaMA-family causal LM
+            (Llama, Mistral, Qwen2: SwiGLU MLPs with ``gate_proj``/``up_proj``/``down_proj``).
+        config: the adapter settings.
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        AdapterError: the model is already adapted, or has no matching modules.
+    """
+    if not isinstance(config, MoLEConfig):
+        raise AdapterError(f"apply_mole: config must be a MoLEConfig, got {type(config).__name__}")
+    if adapter_info(model) is not None:
+        raise AdapterError("apply_mole: this model already has an adapter")
+    tree_path, tree = _find_tree(model, config)
+    model.requires_grad_(False)
+
+    mlps = [
+        (name, mod)
+        for name, mod in tree.named_modules()
+        if _is_swiglu_mlp(mod) and not _is_vision(_join(tree_path, name))
+    ]
+    if config.mode == "mole" and not mlps:
+        raise AdapterError(
+            f"{type(model).__name__}: no SwiGLU MLP blocks (gate_proj/up_proj/down_proj) under "
+            f"{tree_path or 'the model'!r}; MoLE needs a LLaMA-family language model"
+        )
+    image_token_id = getattr(getattr(model, "config", None), "image_token_id", None)
+    use_router = config.mode == "mole" and config.num_experts > 1
+    state = MoLEState(config, len(mlps), image_token_id) if use_router else None
+
+    # MLPs first: MoLE replaces the whole block; the baseline wraps each MLP linear.
+    for index, (name, mlp) in enumerate(mlps):
+        if config.mode == "mole":
+            parent_name, _, child = name.rpartition(".")
+            tree.get_submodule(parent_name).__setattr__(child, MoLEMLP(mlp, config, index, state))
+        else:
+            for target in config.mlp_targets:
+                if isinstance(getattr(mlp, target, None), nn.Linear):
+                    setattr(
+                        mlp,
+                        target,
+                        LoRALinear(getattr(mlp, target), config.rank, config.alpha, config.dropout),
+                    )
+
+    attn_wrapped = 0
+    for name, module in list(tree.named_modules()):
+        if _is_vision(_join(tree_path, name)) or isinstance(module, (MoLEMLP, LoRALinear)):
+            continue
+        for target in config.attn_targets:
+            child = getattr(module, target, None)
+            if isinstance(child, nn.Linear) and not _is_swiglu_mlp(module):
+                setattr(
+                    module, target, LoRALinear(child, config.rank, config.alpha, config.dropout)
+                )
+                attn_wrapped += 1
+    if config.attn_targets and attn_wrapped == 0:
+        raise AdapterError(
+            f"{type(model).__name__}: no attention projections named {list(config.attn_targets)} "
+            f"under {tree_path or 'the model'!r}"
+        )
+
+    if config.train_projector:
+        for name, module in model.named_modules():
+            if name.split(".")[-1] == PROJECTOR_NAME:
+                module.requires_grad_(True)
+
+    # New modules are created in training mode; give them the model's mode (eval stays eval).
+    model.train(model.training)
+    info = AdapterInfo(config=config, target_tree=tree_path, state=state)
+    info.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if state is not None:
+        info.hooks.append(
+            model.register_forward_pre_hook(_begin_forward_hook(state), with_kwargs=True)
+        )
+    model.__dict__[ADAPTER_ATTR] = info
+    model.__dict__[STATE_ATTR] = state
+    return model
+
+
+def _begin_forward_hook(state: MoLEState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and args and hasattr(args[0], "dim"):
+            input_ids = args[0]
+        state.begin_forward(kwargs.get("attention_mask"), input_ids)
+
+    return hook
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every plain-LoRA update (attention, baseline MLP) into its base weight.
+
+    MoLE experts stay unmerged: which expert applies depends on the token, so no single weight
+    can hold them. Returns the number of merged layers; undo with :func:`unmerge_lora`.
+    """
+    modules = [m for m in unwrap(model).modules() if isinstance(m, LoRALinear)]
+    for module in modules:
+        module.merge()
+    return len(modules)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo :func:`merge_lora`. Returns the number of unmerged layers."""
+    modules = [m for m in unwrap(model).modules() if isinstance(m, LoRALinear)]
+    for module in modules:
+        module.unmerge()
+    return len(modules)
+
+
+def merge_mole(model: nn.Module) -> None:
+    """Always refuses: explains why MoLE experts cannot be merged."""
+    raise AdapterError(
+        "MoLE experts cannot be merged into the base weights: the router picks the expert per "
+        "token, so no single weight matrix holds them; merge_lora() merges the attention LoRA"
+    )
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,212 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle).
+
+The safetensors file holds every trained tensor (attention LoRA, routers, experts, and the
+projector when it is trained), keyed by parameter name in the adapted model. Writes are atomic:
+a temporary name in the target directory, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import RUNTIME_FIELDS, MoLEConfig
+from .inject import AdapterError, adapter_info, apply_mole, unwrap
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "llava-mole-adapter"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
+    """``safetensors`` save through a temporary file in the same directory, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained tensor of an adapted model, detached, on CPU, contiguous."""
+    info = adapter_info(model)
+    if info is None:
+        raise AdapterError("the model has no llava-mole adapter (call apply_mole first)")
+    params = dict(unwrap(model).named_parameters())
+    return {name: params[name].detach().to("cpu").contiguous() for name in info.trainable}
+
+
+def _base_model_summary(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(text, "hidden_size", None),
+        "num_hidden_layers": getattr(text, "num_hidden_layers", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write the adapter of ``model`` to ``directory`` (created if needed).
+
+    Args:
+        model: a model adapted with :func:`apply_mole` (DDP-wrapped is fine).
+        directory: output folder.
+        extra: optional JSON-ready metadata stored in the config under ``"extra"``.
+
+    Returns:
+        The directory path.
+    """
+    info = adapter_info(model)
+    if info is None:
+        raise AdapterError("save_adapter: the model has no llava-mole adapter")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model)
+    atomic_save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mole": info.config.to_dict(),
+        "target_tree": info.target_tree,
+        "base_model": _base_model_summary(unwrap(model)),
+        "num_tensors": len(tensors),
+        "num_parameters": sum(t.numel() for t in tensors.values()),
+    }
+    if extra:
+        payload["extra"] = extra
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[MoLEConfig, dict[str, Any]]:
+    """Parse ``adapter_config.json``; one clear error for a missing or malformed file."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise AdapterError(f"adapter directory not found: {directory}")
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing (not a llava-mole adapter directory)")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise AdapterError(f"{path}: not a llava-mole adapter config (missing format={FORMAT!r})")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path}: format_version {payload['format_version']} is newer than this llava-mole"
+        )
+    try:
+        config = MoLEConfig.from_dict(payload.get("mole", {}))
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"{path}: {err}") from None
+    return config, payload
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path}: unreadable safetensors file ({err})") from None
+
+
+def _config_mismatch(saved: MoLEConfig, current: MoLEConfig) -> str | None:
+    a, b = saved.to_dict(), current.to_dict()
+    for key in sorted(set(a) | set(b)):
+        if key in RUNTIME_FIELDS or key == "extra":
+            continue
+        if a.get(key) != b.get(key):
+            return f"{key}: adapter has {a.get(key)!r}, model has {b.get(key)!r}"
+    return None
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load an adapter directory into ``model``.
+
+    A model without adapter gets one first (``apply_mole`` with the saved config). A model that
+    already has one must have the same config (runtime fields such as ``dispatch`` aside).
+
+    Raises:
+        AdapterError: naming the first config field or tensor that does not fit.
+    """
+    config, _ = read_adapter_config(directory)
+    info = adapter_info(model)
+    if info is None:
+        apply_mole(model, config)
+        info = adapter_info(model)
+    else:
+        problem = _config_mismatch(config, info.config)
+        if problem:
+            raise AdapterError(f"{directory}: adapter config does not match the model ({problem})")
+    tensors = read_adapter_tensors(directory)
+    params = dict(unwrap(model).named_parameters())
+    for name in info.trainable:
+        if name not in tensors:
+            raise AdapterError(f"{directory}: tensor {name!r} expected by the model is missing")
+        if tuple(tensors[name].shape) != tuple(params[name].shape):
+            raise AdapterError(
+                f"{directory}: tensor {name!r} has shape {tuple(tensors[name].shape)} in the "
+                f"adapter but {tuple(params[name].shape)} in the model"
+            )
+    unexpected = sorted(set(tensors) - set(info.trainable))
+    if unexpected:
+        raise AdapterError(
+            f"{directory}: tensor {unexpected[0]!r} in the adapter has no place in the model"
+        )
+    with torch.no_grad():
+        for name in info.trainable:
+            params[name].copy_(tensors[name].to(params[name].dtype))
+    return model

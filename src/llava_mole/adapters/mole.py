@@ -1,0 +1,162 @@
+"""Sparse mixture of LoRA experts on a SwiGLU MLP block (LLaVA-MoLE, arXiv 2401.16160).
+
+For an MLP ``down(act(gate(x)) * up(x))`` with frozen projections, a router
+``R: Linear(d_model, K)`` gives ``p = softmax(R x)`` (float32), the token goes to expert
+``e = argmax p`` with gate ``g = p_e`` (raw, not renormalised, so the LM loss trains the router),
+and every adapted projection ``P`` becomes
+
+    P(h) + g * (alpha / r) * B_P^e A_P^e h
+
+with the same ``e`` for gate, up and down (``down`` sees the SwiGLU product of that token).
+The base projections run once over all tokens; only the rank-r deltas depend on the expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoLEConfig
+from .dispatch import (
+    ExpertGrouping,
+    choose_path,
+    dense_lora_delta,
+    permute_rows,
+    route,
+    sorted_lora_delta,
+)
+from .lora import init_lora_pair, lora_delta
+from .state import MoLEState
+
+
+class MoLEMLP(nn.Module):
+    """A frozen SwiGLU MLP with ``K`` LoRA experts per projection and one top-k router.
+
+    It replaces the whole MLP module, so it is a natural leaf for DeepSpeed ZeRO-3
+    (``deepspeed.utils.set_z3_leaf_modules(model, [MoLEMLP])``).
+
+    Args:
+        base: the model's MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``); frozen.
+        config: the adapter configuration.
+        block_index: position of this block among the model's MoLE blocks (for statistics).
+        state: the model's shared :class:`MoLEState` (routing terms for the loss).
+    """
+
+    def __init__(
+        self, base: nn.Module, config: MoLEConfig, block_index: int, state: MoLEState | None
+    ) -> None:
+        super().__init__()
+        self.gate_proj = base.gate_proj
+        self.up_proj = base.up_proj
+        self.down_proj = base.down_proj
+        self.act_fn = base.act_fn
+        for proj in (self.gate_proj, self.up_proj, self.down_proj):
+            proj.requires_grad_(False)
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.rank = config.rank
+        self.scaling = config.scaling
+        self.gate_weighting = config.gate_weighting
+        self.normalize_top_k = config.normalize_top_k
+        self.dispatch = config.dispatch
+        self.block_index = block_index
+        self.targets = tuple(
+            t for t in ("gate_proj", "up_proj", "down_proj") if t in config.mlp_targets
+        )
+        # A plain attribute (not a submodule): the state is shared by all blocks of the model.
+        self.__dict__["state"] = state
+
+        weight = self.gate_proj.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name in self.targets:
+            proj: nn.Linear = getattr(self, name)
+            a = torch.empty(self.num_experts, self.rank, proj.in_features, **factory)
+            b = torch.empty(self.num_experts, proj.out_features, self.rank, **factory)
+            if weight.device.type != "meta":
+                init_lora_pair(a, b)
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(b)
+        # One expert means no routing: exactly plain LoRA, and no idle router parameter for DDP.
+        self.router = (
+            nn.Linear(
+                self.gate_proj.in_features,
+                self.num_experts,
+                bias=False,
+                device=weight.device,
+                dtype=torch.float32,
+            )
+            if self.num_experts > 1
+            else None
+        )
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def route(self, flat: torch.Tensor):
+        """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            logits = self.router(flat.float())
+        return logits, route(logits, self.top_k, self.gate_weighting, self.normalize_top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.router is None:
+            return self._forward_single(flat).view(*shape[:-1], -1)
+        logits, routing = self.route(flat)
+        if self.state is not None:
+            self.state.record(self.block_index, logits, routing, tuple(shape[:-1]))
+        path = choose_path(self.dispatch, flat, self.num_experts, self.rank, self.top_k)
+        if path == "dense":
+            out = self._forward_dense(flat, routing.dense_weights())
+        else:
+            out = self._forward_grouped(flat, routing, path)
+        return out.view(*shape[:-1], -1)
+
+    def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
+        # Same operations, in the same order, as LoRALinear on each projection.
+        def proj(name: str, h: torch.Tensor) -> torch.Tensor:
+            y = getattr(self, name)(h)
+            if name in self.lora_A:
+                a, b = self.lora_A[name][0], self.lora_B[name][0]
+                y = y + lora_delta(self.dropout(h), a, b, self.scaling)
+            return y
+
+        h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
+        return proj("down_proj", h)
+
+    def _forward_dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
+            y = getattr(self, name)(h)
+            if name in self.lora_A:
+                a, b = self.lora_A[name], self.lora_B[name]
+                y = y + dense_lora_delta(h_drop, a, b, weights, self.scaling)
+            return y
+
+        x_drop = self.dropout(x)
+        h = self.act_fn(proj("gate_proj", x, x_drop)) * proj("up_proj", x, x_drop)
+        return proj("down_proj", h, self.dropout(h))
+
+    def _forward_grouped(self, x: torch.Tensor, routing, path: str) -> torch.Tensor:
+        grouping = ExpertGrouping.from_experts(routing.experts[:, 0], self.num_experts)
+        # The whole block runs in expert order: one permutation in, one out.
+        xs = permute_rows(x, grouping.order, grouping.inverse)
+        gs = permute_rows(routing.weights, grouping.order, grouping.inverse)
+
+        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
+            y = getattr(self, name)(h)
+            if name in self.lora_A:
+                a, b = self.lora_A[name], self.lora_B[name]
+                y = y + sorted_lora_delta(h_drop, a, b, gs, self.scaling, grouping, path)
+            return y
+
+        xs_drop = self.dropout(xs)
+        hs = self.act_fn(proj("gate_proj", xs, xs_drop)) * proj("up_proj", xs, xs_drop)
+        ys = proj("down_proj", hs, self.dropout(hs))
+        return permute_rows(ys, grouping.inverse, grouping.order)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "
+            f"scaling={self.scaling:g}, gate_weighting={self.gate_weighting!r}"
+        )

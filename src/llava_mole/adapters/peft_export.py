@@ -1,0 +1,96 @@
+"""Export a plain-LoRA adapter (or a one-expert MoLE) as a Hugging Face PEFT LoRA adapter.
+
+The result loads with ``peft.PeftModel.from_pretrained(base_model, out_dir)``. A MoLE adapter
+with several experts has no PEFT equivalent (the expert depends on the token) and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .inject import PROJECTOR_NAME, AdapterError
+from .io import atomic_save_tensors, atomic_write_bytes, read_adapter_config, read_adapter_tensors
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _split_expert_key(key: str) -> tuple[str, str, str] | None:
+    """``<mlp>.lora_A.<proj>`` -> (mlp path, 'A', proj)."""
+    for kind in ("A", "B"):
+        marker = f".lora_{kind}."
+        if marker in key:
+            module, _, proj = key.rpartition(marker)
+            return module, kind, proj
+    return None
+
+
+def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format.
+
+    Args:
+        adapter_dir: a directory written by :func:`llava_mole.save_adapter`.
+        out_dir: output folder (created).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        AdapterError: for a MoLE adapter with more than one expert.
+    """
+    config, payload = read_adapter_config(adapter_dir)
+    if config.mode == "mole" and config.num_experts > 1:
+        raise AdapterError(
+            f"{adapter_dir}: a MoLE adapter with {config.num_experts} experts cannot be exported "
+            "to PEFT: its experts are chosen per token by a router, which PEFT LoRA has no "
+            "place for (export works for mode='lora' or num_experts=1)"
+        )
+    tensors = read_adapter_tensors(adapter_dir)
+    out: dict[str, torch.Tensor] = {}
+    targets: list[str] = []
+    projector_trained = False
+    for key, value in tensors.items():
+        if key.endswith(".lora_A") or key.endswith(".lora_B"):
+            module, kind = key[:-7], key[-1]
+            out[f"{_PEFT_PREFIX}{module}.lora_{kind}.weight"] = value.contiguous()
+            if kind == "A":
+                targets.append(module)
+            continue
+        split = _split_expert_key(key)
+        if split is not None:
+            mlp, kind, proj = split
+            out[f"{_PEFT_PREFIX}{mlp}.{proj}.lora_{kind}.weight"] = value[0].contiguous()
+            if kind == "A":
+                targets.append(f"{mlp}.{proj}")
+            continue
+        if PROJECTOR_NAME in key.split("."):
+            out[f"{_PEFT_PREFIX}{key}"] = value.contiguous()
+            projector_trained = True
+            continue
+        raise AdapterError(f"{adapter_dir}: tensor {key!r} has no PEFT LoRA equivalent")
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(targets),
+        "modules_to_save": [PROJECTOR_NAME] if projector_trained else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": payload.get("base_model", {}).get("name_or_path"),
+        "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(out_dir / "adapter_model.safetensors", out, metadata={"format": "pt"})
+    atomic_write_bytes(
+        out_dir / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode()
+    )
+    return out_dir

@@ -1,0 +1,222 @@
+"""The explicit channel between MoLE blocks and the training loss.
+
+Every MoLE block appends its routing terms (balance loss, z-loss, expert load) to one
+:class:`MoLEState` shared by the model. The state is reset by a forward pre-hook on the adapted
+model, so each model forward starts clean (``generate()`` included), and blocks record nothing
+while autograd recomputes them during backward (non-reentrant activation checkpointing): a
+recomputed forward never counts the loss twice. The trainer reads the loss with
+:func:`mole_aux_loss` right after the forward.
+
+Balance losses (``P_k`` mean router probability, ``f_k`` share of routed tokens, real tokens only):
+
+* ``switch`` (Switch Transformer, https://arxiv.org/abs/2101.03961): ``K * sum_k f_k P_k`` per
+  block, averaged over blocks. Equals 1 for a perfectly balanced router.
+* ``official`` (LLaVA-MoLE release): per sample, probabilities and choices of all blocks' real
+  tokens are pooled, ``sum_k mean(p_k) * mean(onehot_k)``, averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import MoLEConfig
+from .dispatch import Routing
+
+STATE_ATTR = "_mole_state"
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (e.g. checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoLEState:
+    """Per-forward routing terms and optional cumulative routing statistics of one model."""
+
+    def __init__(self, config: MoLEConfig, num_blocks: int, image_token_id: int | None) -> None:
+        self.config = config
+        self.num_blocks = num_blocks
+        self.image_token_id = image_token_id
+        self.domain_ids: torch.Tensor | None = None
+        self.num_domains = 1
+        self.collect_stats = False
+        self.stats: dict[int, torch.Tensor] = {}
+        self.begin_forward(None, None)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def begin_forward(
+        self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None
+    ) -> None:
+        """Start a model forward: drop the previous forward's terms, remember token masks."""
+        self.token_mask = attention_mask.bool() if attention_mask is not None else None
+        self.image_mask = None
+        if input_ids is not None and self.image_token_id is not None:
+            self.image_mask = input_ids == self.image_token_id
+        self.balance: list[torch.Tensor] = []
+        self.z_loss: list[torch.Tensor] = []
+        self.loads: list[torch.Tensor] = []
+        self._pooled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _align(self, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        # With a KV cache the mask covers past + current tokens; the block sees the current ones.
+        if mask is None or mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < seq:
+            return None
+        return mask[:, -seq:]
+
+    # ---- recording ---------------------------------------------------------------------------
+    def record(
+        self, block: int, logits: torch.Tensor, routing: Routing, batch_shape: tuple[int, ...]
+    ) -> None:
+        """Record one block's routing for the current forward.
+
+        Args:
+            block: index of the MoLE block.
+            logits: router logits ``(N, K)``.
+            routing: the block's :class:`Routing`.
+            batch_shape: leading shape of the block input, ``(B, T)`` or ``(N,)``.
+        """
+        k = routing.probs.shape[-1]
+        batch, seq = (
+            (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, logits.shape[0])
+        )
+        real = self._align(self.token_mask, batch, seq)
+        real = (
+            torch.ones(batch, seq, device=logits.device, dtype=torch.float32)
+            if real is None
+            else real.to(device=logits.device, dtype=torch.float32)
+        )
+        probs = routing.probs.view(batch, seq, k)
+        chosen = routing.one_hot().view(batch, seq, k) / routing.experts.shape[-1]
+        weight = real.unsqueeze(-1)
+        p_sum = (probs * weight).sum(1)  # (B, K)
+        c_sum = (chosen * weight).sum(1)  # (B, K)
+        n = real.sum(1)  # (B,)
+        total = n.sum().clamp_min(1.0)
+        load = c_sum.sum(0) / total
+        balance = k * (load * (p_sum.sum(0) / total)).sum()
+        z_loss = None
+        if self.config.router_z_coef > 0:
+            z = torch.logsumexp(logits.float(), dim=-1).pow(2).view(batch, seq)
+            z_loss = (z * real).sum() / total
+        # Checkpoint recomputation must save the same tensors as the first forward, so the terms
+        # are computed either way; they are only kept from the first forward.
+        if _in_backward():
+            return
+        self.loads.append(load.detach())
+        self.balance.append(balance)
+        self._pooled.append((p_sum, c_sum, n))
+        if z_loss is not None:
+            self.z_loss.append(z_loss)
+        if self.collect_stats:
+            self._accumulate_stats(block, chosen.detach(), real, batch, seq)
+
+    def _accumulate_stats(
+        self, block: int, chosen: torch.Tensor, real: torch.Tensor, batch: int, seq: int
+    ) -> None:
+        k = chosen.shape[-1]
+        device = chosen.device
+        is_image = self._align(self.image_mask, batch, seq)
+        kind = (
+            torch.zeros(batch, seq, dtype=torch.long, device=device)
+            if is_image is None
+            else is_image.to(device=device, dtype=torch.long)
+        )
+        domain = torch.zeros(batch, dtype=torch.long, device=device)
+        if self.domain_ids is not None and self.domain_ids.numel() == batch:
+            domain = self.domain_ids.to(device)
+        slot = (domain.view(batch, 1) * 2 + kind).reshape(-1)
+        counts = torch.zeros(self.num_domains * 2, k, device=device)
+        counts.index_add_(0, slot, (chosen * real.unsqueeze(-1)).reshape(-1, k))
+        counts = counts.view(self.num_domains, 2, k)
+        if block in self.stats and self.stats[block].shape == counts.shape:
+            self.stats[block] += counts
+        else:
+            self.stats[block] = counts
+
+    # ---- reading -----------------------------------------------------------------------------
+    def balance_loss(self) -> torch.Tensor | None:
+        if not self.balance:
+            return None
+        if self.config.balance_loss == "switch":
+            return torch.stack(self.balance).mean()
+        p_sum = torch.stack([t[0] for t in self._pooled]).sum(0)
+        c_sum = torch.stack([t[1] for t in self._pooled]).sum(0)
+        n = torch.stack([t[2] for t in self._pooled]).sum(0)
+        denom = n.clamp_min(1).unsqueeze(-1)
+        per_sample = ((p_sum / denom) * (c_sum / denom)).sum(-1)
+        # Mean over samples that have real tokens, without a host sync.
+        has_tokens = (n > 0).float()
+        return (per_sample * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """``balance_coef * balance + router_z_coef * z`` of the latest forward, or ``None``."""
+        balance = self.balance_loss()
+        if balance is None:
+            return None
+        total = self.config.balance_coef * balance
+        if self.z_loss:
+            total = total + self.config.router_z_coef * torch.stack(self.z_loss).mean()
+        return total
+
+
+def get_state(model: nn.Module) -> MoLEState | None:
+    """The :class:`MoLEState` of a model adapted with ``apply_mole`` (unwrapping DDP etc.)."""
+    seen = 0
+    while model is not None and seen < 8:
+        state = model.__dict__.get(STATE_ATTR)
+        if state is not None:
+            return state
+        model = getattr(model, "module", None)  # DDP / accelerate wrappers
+        seen += 1
+    return None
+
+
+def mole_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Weighted auxiliary loss of the model's latest forward (``None`` without MoLE blocks).
+
+    Add it to the language-model loss. Exact under non-reentrant activation checkpointing.
+    """
+    state = get_state(model)
+    return None if state is None else state.aux_loss()
+
+
+def routing_summary(model: nn.Module) -> dict[str, Any]:
+    """Detached routing numbers of the latest forward: balance loss and mean expert load."""
+    state = get_state(model)
+    if state is None or not state.loads:
+        return {}
+    balance = state.balance_loss()
+    loads = torch.stack(state.loads)
+    return {
+        "balance_loss": float(balance.detach()) if balance is not None else None,
+        "expert_load": loads.mean(0).tolist(),
+        "expert_load_per_block": loads.tolist(),
+    }
+
+
+def set_token_tags(model: nn.Module, domain_ids: torch.Tensor | None, num_domains: int = 1) -> None:
+    """Tag the samples of the next forwards with domain ids (for routing statistics)."""
+    state = get_state(model)
+    if state is None:
+        return
+    state.domain_ids = domain_ids
+    state.num_domains = max(int(num_domains), 1)
+
+
+def enable_routing_stats(model: nn.Module, enabled: bool = True, reset: bool = True) -> None:
+    """Accumulate expert counts per block, domain and token type (text / image) over forwards."""
+    state = get_state(model)
+    if state is None:
+        raise ValueError("the model has no MoLE blocks (apply_mole with mode='mole' first)")
+    state.collect_stats = enabled
+    if reset:
+        state.stats = {}
+
+
+def routing_stats(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Accumulated counts: ``{block: tensor (num_domains, 2 [text, image], K)}``."""
+    state = get_state(model)
+    return {} if state is None else {b: t.detach().cpu() for b, t in sorted(state.stats.items())}
