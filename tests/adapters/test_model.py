@@ -113,8 +113,14 @@ def test_every_expert_gets_a_gradient_each_step(llava):
     apply_mole(llava, mole_cfg(num_experts=4, dispatch="loop"))
     randomize_adapter(llava)
     mlp = llava.model.language_model.layers[0].mlp
-    with torch.no_grad():  # uniform router: ties go to expert 0, experts 1-3 of block 0 idle
-        mlp.router.weight.zero_()
+
+    class ToExpertZero(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 4)
+            logits[:, 0] = 5.0
+            return logits + 0 * x[:, :4]
+
+    mlp.router = ToExpertZero()  # every token of block 0 to expert 0: experts 1-3 idle
     batch = llava_batch()
     out = llava(**batch)
     (out.loss + mole_aux_loss(llava)).backward()
@@ -162,7 +168,7 @@ def test_balance_loss_excludes_padding_and_is_one_when_uniform(llava):
         for layer in llava.model.language_model.layers:
             layer.mlp.router.weight.zero_()  # uniform probabilities: P_k = 1/4
     llava(**llava_batch())
-    # ties go to expert 0: f = (1, 0, 0, 0), P = 1/4 -> K * sum f P = 4 * 1/4 = 1
+    # P_k = 1/4 for all k and sum_k f_k = 1 -> K * sum f P = 4 * 1/4 = 1
     assert mole_aux_loss(llava).item() == pytest.approx(0.01 * 1.0)
 
     # Padding must not count: a batch whose padded tail has other hidden states gives the
