@@ -1,0 +1,439 @@
+"""Dataset mixtures: the YAML schema, its validation, sample selection and `build_datasets`.
+
+See ``docs/data.md`` for the schema with an example. Everything is deterministic given the
+mixture's seed: ``select: random`` draws with a generator seeded by (seed, dataset name, split).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .collate import InstructDataset
+from .formats import DataConfigError, LoadReport, Sample, load_llava_file
+from .images import DEFAULT_MAX_PIXELS, IMAGE_MODES, image_checker
+from .templates import TEMPLATES
+
+KNOWN_METRICS: tuple[str, ...] = (
+    "exact_match",
+    "vqa_accuracy",
+    "anls",
+    "relaxed_accuracy",
+    "pathvqa",
+)
+SPLITS: tuple[str, ...] = ("train", "test")
+SELECT_MODES: tuple[str, ...] = ("first", "random")
+
+Take = Literal["all"] | int | float
+
+_TOP_KEYS = ("datasets", "seed", "template", "max_length", "image_mode", "strict")
+_DATASET_KEYS = (
+    "name",
+    "domain",
+    "train",
+    "test",
+    "image_folder",
+    "take",
+    "select",
+    "repeat",
+    "test_take",
+    "metric",
+)
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mixture (paths already resolved against the YAML folder).
+
+    Attributes:
+        name: Display name (default: the train, else test, path as written in the YAML).
+        domain: Domain tag of all its samples.
+        train: Train-split file, or None.
+        test: Test-split file, or None.
+        image_folder: Image folder (None: each split file's own folder).
+        take: How much of the train split to use: "all", a count or a fraction.
+        select: "first" or "random".
+        repeat: Upsampling factor of the train split.
+        test_take: How much of the test split to use.
+        metric: Evaluation metric name (one of `KNOWN_METRICS`).
+    """
+
+    name: str
+    domain: str
+    train: Path | None = None
+    test: Path | None = None
+    image_folder: Path | None = None
+    take: Take = "all"
+    select: str = "first"
+    repeat: int = 1
+    test_take: Take = "all"
+    metric: str = "exact_match"
+
+
+@dataclass
+class MixtureConfig:
+    """A validated mixture file.
+
+    Attributes:
+        path: The YAML file.
+        datasets: The datasets, in file order.
+        seed: Seed of random selection.
+        template: Prompt template (``vicuna_v1`` or ``chat_template``).
+        max_length: Truncation length in tokens.
+        image_mode: ``pad`` or ``resize``.
+        strict: Raise on any bad sample instead of skipping it.
+    """
+
+    path: Path
+    datasets: list[DatasetSpec]
+    seed: int = 0
+    template: str = "vicuna_v1"
+    max_length: int = 2048
+    image_mode: str = "pad"
+    strict: bool = False
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names in order of first appearance in the file (defines ``domain_id``)."""
+        return list(dict.fromkeys(d.domain for d in self.datasets))
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Evaluation metric of each domain."""
+        return {d.domain: d.metric for d in self.datasets}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Checker:
+    """Builds one-line `DataConfigError`s: ``file: key.path: message``."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+
+    def fail(self, key: str, message: str) -> DataConfigError:
+        return DataConfigError(f"{self.name}: {key}: {message}")
+
+    def unknown_keys(self, data: Mapping[Any, Any], allowed: Sequence[str], prefix: str) -> None:
+        for key in data:
+            if key not in allowed:
+                where = f"{prefix}{key}" if prefix else str(key)
+                raise self.fail(where, f"unknown key (allowed: {', '.join(allowed)})")
+
+    def choice(self, value: object, key: str, choices: Sequence[str]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def take(self, value: object, key: str) -> Take:
+        if value == "all" and isinstance(value, str):
+            return "all"
+        if _is_int(value) and value >= 1:  # type: ignore[operator]
+            return int(value)  # type: ignore[arg-type]
+        if isinstance(value, float) and 0.0 < value <= 1.0:
+            return value
+        raise self.fail(key, f"expected 'all', an int >= 1 or a fraction in (0, 1], got {value!r}")
+
+    def positive_int(self, value: object, key: str) -> int:
+        if not _is_int(value) or value < 1:  # type: ignore[operator]
+            raise self.fail(key, f"expected an int >= 1, got {value!r}")
+        return int(value)  # type: ignore[arg-type]
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base / path
+
+
+def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
+    """Reads and validates a mixture YAML file (schema only; data files are opened later).
+
+    Args:
+        path: The YAML file.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        DataConfigError: With a one-line message naming the file and the offending key.
+    """
+    path = Path(path)
+    check = _Checker(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataConfigError(f"mixture file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataConfigError(f"cannot read mixture file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise DataConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise DataConfigError(f"{path}: expected a mapping with a 'datasets' list at top level")
+    check.unknown_keys(data, _TOP_KEYS, "")
+
+    cfg = MixtureConfig(path=path, datasets=[])
+    if "seed" in data:
+        if not _is_int(data["seed"]):
+            raise check.fail("seed", f"expected an int, got {data['seed']!r}")
+        cfg.seed = int(data["seed"])
+    if "template" in data:
+        cfg.template = check.choice(data["template"], "template", TEMPLATES)
+    if "max_length" in data:
+        cfg.max_length = check.positive_int(data["max_length"], "max_length")
+    if "image_mode" in data:
+        cfg.image_mode = check.choice(data["image_mode"], "image_mode", IMAGE_MODES)
+    if "strict" in data:
+        if not isinstance(data["strict"], bool):
+            raise check.fail("strict", f"expected true or false, got {data['strict']!r}")
+        cfg.strict = data["strict"]
+
+    datasets = data.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise check.fail("datasets", f"expected a non-empty list, got {datasets!r:.80}")
+    base = path.parent
+    metric_of: dict[str, str] = {}
+    for i, entry in enumerate(datasets):
+        prefix = f"datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise check.fail(prefix, f"expected a mapping, got {entry!r:.80}")
+        check.unknown_keys(entry, _DATASET_KEYS, f"{prefix}.")
+        if "domain" not in entry:
+            raise check.fail(f"{prefix}.domain", "required key missing")
+        domain = check.string(entry["domain"], f"{prefix}.domain")
+        files: dict[str, Path | None] = {}
+        for split in SPLITS:
+            value = entry.get(split)
+            files[split] = (
+                None if value is None else _resolve(base, check.string(value, f"{prefix}.{split}"))
+            )
+        if files["train"] is None and files["test"] is None:
+            raise check.fail(prefix, "needs a 'train' and/or a 'test' file")
+        folder = entry.get("image_folder")
+        if folder is not None:
+            folder = _resolve(base, check.string(folder, f"{prefix}.image_folder"))
+        default_name = entry.get("train") or entry.get("test")
+        spec = DatasetSpec(
+            name=check.string(entry.get("name", default_name), f"{prefix}.name"),
+            domain=domain,
+            train=files["train"],
+            test=files["test"],
+            image_folder=folder,
+            take=check.take(entry.get("take", "all"), f"{prefix}.take"),
+            select=check.choice(entry.get("select", "first"), f"{prefix}.select", SELECT_MODES),
+            repeat=check.positive_int(entry.get("repeat", 1), f"{prefix}.repeat"),
+            test_take=check.take(entry.get("test_take", "all"), f"{prefix}.test_take"),
+            metric=check.choice(
+                entry.get("metric", "exact_match"), f"{prefix}.metric", KNOWN_METRICS
+            ),
+        )
+        if metric_of.setdefault(domain, spec.metric) != spec.metric:
+            raise check.fail(
+                f"{prefix}.metric",
+                f"domain {domain!r} already uses metric {metric_of[domain]!r}, got {spec.metric!r}",
+            )
+        cfg.datasets.append(spec)
+    return cfg
+
+
+def take_count(take: Take, available: int) -> int:
+    """How many samples `take` selects out of `available`.
+
+    ``all`` selects everything; an int N selects ``min(N, available)``; a fraction f selects
+    ``round(f * available)`` (halves rounded up), at least 1 when anything is available.
+    """
+    if take == "all":
+        return available
+    if isinstance(take, float):
+        if available == 0:
+            return 0
+        return min(available, max(1, math.floor(take * available + 0.5)))
+    return min(int(take), available)
+
+
+def select_samples(
+    samples: Sequence[Sample], take: Take, select: str, seed: str | int
+) -> list[Sample]:
+    """Selects the samples `take` asks for.
+
+    Args:
+        samples: The valid samples of one dataset split, in file order.
+        take: "all", a count or a fraction.
+        select: "first" (the first ones) or "random" (a seeded random subset, kept in file
+            order).
+        seed: Seed of the random subset.
+
+    Returns:
+        The selected samples.
+    """
+    k = take_count(take, len(samples))
+    if select == "first" or k == len(samples):
+        return list(samples[:k])
+    picked = sorted(random.Random(seed).sample(range(len(samples)), k))
+    return [samples[i] for i in picked]
+
+
+def _mixture(mixture: str | os.PathLike[str] | MixtureConfig) -> MixtureConfig:
+    return mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
+
+
+def load_split(
+    mixture: str | os.PathLike[str] | MixtureConfig,
+    split: str = "train",
+    seed: int | None = None,
+    strict: bool | None = None,
+    *,
+    allow_outside_images: bool = False,
+    verify_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[list[Sample], LoadReport]:
+    """Loads, validates and selects the samples of one split of a mixture.
+
+    For the train split, ``take``/``select`` pick the samples and ``repeat`` repeats them; for
+    the test split, ``test_take``/``select`` pick them (no repeat). Datasets without a file for
+    the split are left out.
+
+    Args:
+        mixture: The YAML file or a loaded `MixtureConfig`.
+        split: "train" or "test".
+        seed: Overrides the mixture's seed.
+        strict: Overrides the mixture's ``strict``: raise `DataError` listing the first 10
+            problems instead of skipping bad samples.
+        allow_outside_images: Accept image paths outside the image folder.
+        verify_images: Open and ``verify()`` every image now (header and checksums, no full
+            decode); if False only existence is checked and broken images are handled by the
+            dataset's fallback at training time.
+        max_image_pixels: Images larger than this are skipped (`image_too_large`).
+
+    Returns:
+        The samples (repeats included, datasets in file order) and a report whose
+        ``per_domain`` counts them.
+
+    Raises:
+        DataConfigError: Bad split name or missing file/folder.
+        DataError: Bad samples in strict mode, or an unreadable dataset file.
+    """
+    cfg = _mixture(mixture)
+    if split not in SPLITS:
+        raise DataConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    seed = cfg.seed if seed is None else seed
+    strict = cfg.strict if strict is None else strict
+    check = image_checker(max_image_pixels) if verify_images else None
+    report = LoadReport()
+    counts = {d: 0 for d in cfg.domains}
+    samples: list[Sample] = []
+    for i, spec in enumerate(cfg.datasets):
+        file = spec.train if split == "train" else spec.test
+        if file is None:
+            continue
+        if not file.is_file():
+            raise DataConfigError(f"{cfg.path}: datasets[{i}].{split}: file not found: {file}")
+        folder = spec.image_folder
+        if folder is not None and not folder.is_dir():
+            raise DataConfigError(
+                f"{cfg.path}: datasets[{i}].image_folder: folder not found: {folder}"
+            )
+        valid = load_llava_file(
+            file,
+            folder,
+            domain=spec.domain,
+            allow_outside_images=allow_outside_images,
+            check_image=check,
+            report=report,
+        )
+        take = spec.take if split == "train" else spec.test_take
+        repeat = spec.repeat if split == "train" else 1
+        if take != "all" and not isinstance(take, float) and take > len(valid):
+            report.warnings.append(
+                f"datasets[{i}] ({spec.name}): take {take} but only {len(valid)} valid samples"
+            )
+        chosen = select_samples(
+            valid, take, spec.select, f"{seed}:{spec.name}:{spec.domain}:{split}"
+        )
+        samples.extend(chosen * repeat)
+        counts[spec.domain] += len(chosen) * repeat
+    report.per_domain = counts  # selected items, not valid samples
+    if strict:
+        report.raise_if_problems()
+    return samples, report
+
+
+def build_datasets(
+    mixture_yaml: str | os.PathLike[str] | MixtureConfig,
+    processor: Any,
+    split: str = "train",
+    seed: int | None = None,
+    strict: bool | None = None,
+    *,
+    allow_outside_images: bool = False,
+    verify_images: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[InstructDataset, LoadReport]:
+    """Builds the dataset of one split of a mixture.
+
+    Args:
+        mixture_yaml: The mixture YAML file (or a loaded `MixtureConfig`).
+        processor: The model's processor, loaded from the model dir.
+        split: "train" or "test".
+        seed: Overrides the mixture's seed.
+        strict: Overrides the mixture's ``strict``.
+        allow_outside_images: Accept image paths outside the image folders.
+        verify_images: Verify images at load time (see `load_split`).
+        max_image_pixels: Image size limit.
+
+    Returns:
+        The dataset (``dataset.domains`` is the mixture's domain list) and the load report;
+        ``report.per_domain`` counts the items of the dataset, ``report.skipped`` counts both
+        the samples rejected at load time and those dropped at tokenization (e.g.
+        `no_labels_after_truncation`).
+
+    Raises:
+        DataConfigError: Bad configuration or missing file.
+        DataError: Bad samples in strict mode.
+    """
+    cfg = _mixture(mixture_yaml)
+    strict = cfg.strict if strict is None else strict
+    # Strictness is applied once, at the end, so that the error lists load-time problems and
+    # tokenization drops together.
+    samples, report = load_split(
+        cfg,
+        split,
+        seed,
+        strict=False,
+        allow_outside_images=allow_outside_images,
+        verify_images=verify_images,
+        max_image_pixels=max_image_pixels,
+    )
+    dataset = InstructDataset(
+        samples,
+        processor,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        image_mode=cfg.image_mode,
+        domains=cfg.domains,
+        max_image_pixels=max_image_pixels,
+    )
+    report.per_domain = dict(dataset.report.per_domain)
+    report.skipped.update(dataset.report.skipped)
+    report.problems.extend(dataset.report.problems)
+    if strict:
+        report.raise_if_problems()
+    return dataset, report

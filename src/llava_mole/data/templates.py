@@ -1,0 +1,475 @@
+"""Prompt formatting, tokenization and label masking.
+
+Two templates are supported:
+
+``vicuna_v1``
+    LLaVA-1.5's conversation format::
+
+        <s>{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>
+
+``chat_template``
+    The processor's (or else the tokenizer's) own Jinja chat template.
+
+Conversations are tokenized turn by turn and the token ids concatenated; the full text is never
+re-tokenized and diffed against the parts, so the labels cannot drift from the inputs. Only the
+answer tokens of assistant turns and the token that ends each answer (eos or the template's
+end-of-turn token) are trained on; everything else, image tokens included, is -100.
+
+The ``<image>`` placeholder of a human turn is replaced by `num_image_tokens` copies of the
+model's image token id, as transformers' LLaVA expects the expanded tokens in ``input_ids``.
+
+Chat-template approach: the messages are rendered incrementally
+(``apply_chat_template(messages[:k], tokenize=False)``); each rendering must extend the previous
+one, and only the new suffix of each turn is tokenized. In an assistant suffix, the text before
+the answer (the role header) is masked, the answer and the template's first special token after
+it (its end-of-turn token) are trained, and what follows (e.g. a newline) is masked. If the
+template emits no special token after an answer, the tokenizer's eos is appended so that the
+model learns to stop. The generation prompt is the same prefix followed by the template's
+generation header, so training and generation see identical prefix tokens.
+
+Segment boundaries: a SentencePiece-style tokenizer adds a word-start marker to every segment it
+encodes; for such tokenizers one leading space of a segment is dropped (the marker stands for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .formats import (
+    ASSISTANT,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKENS_TRUNCATED,
+    NO_LABELS_AFTER_TRUNCATION,
+    TEMPLATE_MISMATCH,
+    USER,
+    normalise_role,
+)
+from .images import processor_input_size
+
+IGNORE_INDEX = -100
+
+TemplateName = Literal["vicuna_v1", "chat_template"]
+TEMPLATES: tuple[str, ...] = ("vicuna_v1", "chat_template")
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+VICUNA_V1_ROLES = ("USER", "ASSISTANT")
+
+_PROBE = "zqx probe text"
+
+
+class EncodeError(Exception):
+    """A conversation cannot be turned into a training example.
+
+    Attributes:
+        reason: Skip reason, e.g. `no_labels_after_truncation` or `image_tokens_truncated`.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class EncodedConversation:
+    """Token ids and labels of one conversation.
+
+    Attributes:
+        input_ids: Token ids, image tokens expanded.
+        labels: Same length; `IGNORE_INDEX` except on answer tokens and their end token.
+        truncated: Whether the conversation was cut to ``max_length``.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def get_tokenizer(processor: Any) -> Any:
+    """Returns the tokenizer of a processor (or the object itself if it is a tokenizer)."""
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def image_token_id(processor: Any) -> int:
+    """The id of the model's image token.
+
+    Args:
+        processor: A multimodal processor (``image_token_id``/``image_token``) or a tokenizer.
+
+    Raises:
+        ValueError: If the tokenizer does not know the image token.
+    """
+    token_id = getattr(processor, "image_token_id", None)
+    if isinstance(token_id, int):
+        return token_id
+    tokenizer = get_tokenizer(processor)
+    token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no image token {token!r}")
+    return int(token_id)
+
+
+def num_image_tokens(processor: Any) -> int:
+    """Number of image tokens one image occupies in ``input_ids``.
+
+    Uses ``processor.num_image_tokens`` if present; otherwise, like transformers'
+    ``LlavaProcessor``: ``(H // patch_size) * (W // patch_size) + num_additional_image_tokens``,
+    minus one (the CLS token) when ``vision_feature_select_strategy == "default"``, where
+    ``H x W`` is the image processor's output size.
+
+    Args:
+        processor: A LLaVA-style processor.
+
+    Raises:
+        ValueError: If the processor lacks the information.
+    """
+    n = getattr(processor, "num_image_tokens", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    patch = getattr(processor, "patch_size", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if not patch or image_processor is None:
+        raise ValueError(
+            "cannot compute the number of image tokens: the processor needs num_image_tokens, or "
+            "an image_processor and patch_size"
+        )
+    height, width = processor_input_size(image_processor)
+    n = (height // patch) * (width // patch)
+    n += int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        n -= 1
+    if n < 1:
+        raise ValueError(f"computed a non-positive number of image tokens ({n})")
+    return n
+
+
+@dataclass
+class _Segment:
+    ids: list[int]
+    trained: bool
+
+
+class ConversationEncoder:
+    """Turns ``(role, text)`` turns into token ids and labels for one processor and template.
+
+    Args:
+        processor: The model's processor (or a bare tokenizer for text-only use).
+        template: ``vicuna_v1`` or ``chat_template``.
+        max_length: Truncation length (None: no truncation).
+        system: System prompt of ``vicuna_v1``.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        template: TemplateName | str = "vicuna_v1",
+        max_length: int | None = None,
+        system: str = VICUNA_V1_SYSTEM,
+    ) -> None:
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        self.system = system
+        self.tokenizer = get_tokenizer(processor)
+        self.eos_id: int | None = self.tokenizer.eos_token_id
+        self.bos_id: int | None = self.tokenizer.bos_token_id
+        self.special_ids = set(self.tokenizer.all_special_ids)
+        self._image_id: int | None = None
+        self._num_image: int | None = None
+        probe = self.tokenizer.convert_ids_to_tokens(
+            self.tokenizer.encode("a", add_special_tokens=False)
+        )
+        # SentencePiece-style tokenizers prefix each encoded segment with a word-start marker.
+        self._marker_prefix = bool(probe) and str(probe[0]).startswith("\u2581")
+        if template == "vicuna_v1" and self.eos_id is None:
+            raise ValueError("the vicuna_v1 template needs a tokenizer with an eos token")
+        if template == "chat_template":
+            self._chat_template = getattr(processor, "chat_template", None) or getattr(
+                self.tokenizer, "chat_template", None
+            )
+            if not self._chat_template:
+                raise ValueError(
+                    "template 'chat_template' selected but neither the processor nor the "
+                    "tokenizer has a chat template"
+                )
+            self._list_content = self._detect_list_content()
+
+    # ----------------------------------------------------------------- image tokens
+    @property
+    def image_token_id(self) -> int:
+        if self._image_id is None:
+            self._image_id = image_token_id(self.processor)
+        return self._image_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        if self._num_image is None:
+            self._num_image = num_image_tokens(self.processor)
+        return self._num_image
+
+    # ----------------------------------------------------------------- public API
+    def encode(self, turns: Sequence[tuple[str, str]]) -> EncodedConversation:
+        """Encodes a full conversation (ending with an assistant turn) for training.
+
+        Args:
+            turns: ``(role, text)`` pairs, roles "user"/"assistant" (or human/gpt).
+
+        Returns:
+            The ids and labels, truncated to ``max_length``.
+
+        Raises:
+            EncodeError: If the sample must be dropped (reason in ``.reason``).
+        """
+        turns = _normalise(turns)
+        segments = self._segments(turns, generation=False)
+        ids: list[int] = []
+        labels: list[int] = []
+        for seg in segments:
+            ids.extend(seg.ids)
+            labels.extend(seg.ids if seg.trained else [IGNORE_INDEX] * len(seg.ids))
+        n_image_blocks = sum(IMAGE_PLACEHOLDER in text for _, text in turns)
+        self._check_image_tokens(ids, n_image_blocks)
+
+        truncated = False
+        if self.max_length is not None and len(ids) > self.max_length:
+            if n_image_blocks:
+                last_image = max(i for i, t in enumerate(ids) if t == self.image_token_id)
+                if last_image >= self.max_length:
+                    raise EncodeError(
+                        IMAGE_TOKENS_TRUNCATED,
+                        f"max_length {self.max_length} cuts the image tokens "
+                        f"(image ends at token {last_image + 1}, sequence has {len(ids)})",
+                    )
+            ids, labels, truncated = ids[: self.max_length], labels[: self.max_length], True
+        if all(label == IGNORE_INDEX for label in labels):
+            raise EncodeError(
+                NO_LABELS_AFTER_TRUNCATION,
+                f"no answer tokens left within max_length {self.max_length} "
+                f"(sequence has {len(ids)} tokens)",
+            )
+        return EncodedConversation(ids, labels, truncated)
+
+    def prompt(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        """Encodes a generation prompt: the turns (ending with a user turn) followed by the
+        assistant prefix. Not truncated.
+
+        Args:
+            turns: ``(role, text)`` pairs ending with a user turn.
+
+        Returns:
+            Token ids, identical to the training ids of the same prefix.
+        """
+        turns = _normalise(turns)
+        if not turns or turns[-1][0] != USER:
+            raise ValueError("a generation prompt must end with a user turn")
+        ids = [t for seg in self._segments(turns, generation=True) for t in seg.ids]
+        self._check_image_tokens(ids, sum(IMAGE_PLACEHOLDER in text for _, text in turns))
+        return ids
+
+    # ----------------------------------------------------------------- helpers
+    def _encode_text(self, text: str) -> list[int]:
+        if self._marker_prefix and text.startswith(" "):
+            text = text[1:]
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _encode_with_image(self, text: str, marker: str) -> list[int]:
+        """Encodes text, replacing each `marker` by the expanded image token block."""
+        parts = text.split(marker)
+        ids = self._encode_text(parts[0])
+        for part in parts[1:]:
+            ids.extend([self.image_token_id] * self.num_image_tokens)
+            ids.extend(self._encode_text(part))
+        return ids
+
+    def _check_image_tokens(self, ids: list[int], n_blocks: int) -> None:
+        if n_blocks == 0 and self._image_id is None:
+            return  # text-only and the image token was never needed
+        found = sum(1 for t in ids if t == self.image_token_id)
+        if found != n_blocks * self.num_image_tokens:
+            raise EncodeError(
+                TEMPLATE_MISMATCH,
+                f"expected {n_blocks * self.num_image_tokens} image tokens, found {found}",
+            )
+
+    def _segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
+        if self.template == "vicuna_v1":
+            return self._vicuna_segments(turns, generation)
+        return self._chat_segments(turns, generation)
+
+    def _vicuna_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
+        user, assistant = VICUNA_V1_ROLES
+        segments = [_Segment([self.bos_id] if self.bos_id is not None else [], False)]
+        for i, (role, text) in enumerate(turns):
+            if role == USER:
+                lead = f"{self.system} " if i == 0 else ""
+                prompt = f"{lead}{user}: {text} {assistant}:"
+                segments.append(_Segment(self._encode_with_image(prompt, IMAGE_PLACEHOLDER), False))
+            else:
+                answer = self._encode_text(f" {text}") + [self.eos_id]  # type: ignore[list-item]
+                segments.append(_Segment(answer, True))
+        return segments
+
+    # ----------------------------------------------------------------- chat template
+    def _render(self, messages: list[dict[str, Any]], generation: bool) -> str:
+        rendered = self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self._chat_template,
+            tokenize=False,
+            add_generation_prompt=generation,
+        )
+        if not isinstance(rendered, str):
+            raise ValueError(f"apply_chat_template returned {type(rendered).__name__}, not str")
+        return rendered
+
+    def _detect_list_content(self) -> bool:
+        """Whether the chat template wants OpenAI-style content lists (processor templates)."""
+        try:
+            if _PROBE in self._render([{"role": USER, "content": _PROBE}], False):
+                return False
+        except Exception:  # templates iterating over content fail on strings
+            pass
+        message = {"role": USER, "content": [{"type": "text", "text": _PROBE}]}
+        if _PROBE in self._render([message], False):
+            return True
+        raise ValueError("the chat template renders neither string nor list message content")
+
+    def _message(self, role: str, text: str) -> dict[str, Any]:
+        if not self._list_content:
+            return {"role": role, "content": text}
+        content: list[dict[str, str]] = []
+        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if k > 0:
+                content.append({"type": "image"})
+            if part.strip():
+                content.append({"type": "text", "text": part.strip()})
+        return {"role": role, "content": content}
+
+    @property
+    def _image_marker(self) -> str:
+        if not self._list_content:
+            return IMAGE_PLACEHOLDER
+        return getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
+
+    def _suffix(self, rendered: str, previous: str) -> str:
+        if not rendered.startswith(previous):
+            raise EncodeError(
+                TEMPLATE_MISMATCH,
+                "the chat template is not incremental: rendering a longer conversation changed "
+                "the text of earlier turns",
+            )
+        return rendered[len(previous) :]
+
+    def _chat_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
+        segments: list[_Segment] = []
+        messages: list[dict[str, Any]] = []
+        previous = ""
+        for role, text in turns:
+            if role == ASSISTANT:
+                header = self._suffix(self._render(messages, True), previous)
+            messages.append(self._message(role, text))
+            rendered = self._render(messages, False)
+            new = self._suffix(rendered, previous)
+            if role == USER:
+                segments.append(_Segment(self._encode_with_image(new, self._image_marker), False))
+            else:
+                segments.extend(self._assistant_segments(new, header, text))
+            previous = rendered
+        if generation:
+            header = self._suffix(self._render(messages, True), previous)
+            segments.append(_Segment(self._encode_text(header.rstrip(" ")), False))
+        return segments
+
+    def _assistant_segments(self, new: str, gen_header: str, answer: str) -> list[_Segment]:
+        """Splits an assistant suffix into masked header, trained answer + end token, masked
+        tail."""
+        start = len(gen_header) if new.startswith(gen_header) else 0
+        pos = new.find(answer, start)
+        if pos < 0:
+            answer = answer.strip()
+            pos = new.find(answer, start)
+        if pos < 0:
+            raise EncodeError(TEMPLATE_MISMATCH, "the chat template altered the answer text")
+        header, tail = new[:pos], new[pos + len(answer) :]
+        # Trailing spaces of the header belong to the answer, matching the generation prompt,
+        # which ends without them.
+        stripped = header.rstrip(" ")
+        answer = header[len(stripped) :] + answer
+        answer_ids = self._encode_text(answer)
+        tail_ids = self._encode_text(tail)
+        end = next((k for k, t in enumerate(tail_ids) if t in self.special_ids), None)
+        if end is None:
+            trained = answer_ids + ([self.eos_id] if self.eos_id is not None else [])
+            rest = tail_ids
+        else:
+            trained, rest = answer_ids + tail_ids[: end + 1], tail_ids[end + 1 :]
+        return [
+            _Segment(self._encode_text(stripped), False),
+            _Segment(trained, True),
+            _Segment(rest, False),
+        ]
+
+
+def _normalise(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    out = []
+    for role, text in turns:
+        norm = normalise_role(role)
+        if norm is None:
+            raise ValueError(f"unknown role {role!r}")
+        out.append((norm, text))
+    return out
+
+
+def encode_conversation(
+    turns: Sequence[tuple[str, str]],
+    processor: Any,
+    template: TemplateName | str = "vicuna_v1",
+    max_length: int | None = None,
+) -> EncodedConversation:
+    """Encodes one conversation for training (see `ConversationEncoder.encode`).
+
+    Args:
+        turns: ``(role, text)`` pairs ending with an assistant turn.
+        processor: The model's processor.
+        template: ``vicuna_v1`` or ``chat_template``.
+        max_length: Truncation length.
+
+    Returns:
+        Ids and labels.
+
+    Raises:
+        EncodeError: If the sample must be dropped.
+    """
+    return ConversationEncoder(processor, template, max_length).encode(turns)
+
+
+def build_prompt_for_generation(
+    question_turns: Sequence[tuple[str, str]] | str,
+    processor: Any,
+    template: TemplateName | str = "vicuna_v1",
+) -> torch.Tensor:
+    """Builds the input ids of a generation prompt, ending with the assistant prefix.
+
+    Args:
+        question_turns: ``(role, text)`` turns ending with a user turn (earlier QA pairs
+            allowed), or a single question string. ``<image>`` is expanded to image tokens.
+        processor: The model's processor.
+        template: ``vicuna_v1`` or ``chat_template``.
+
+    Returns:
+        A 1-D LongTensor of input ids (no labels); add a batch dimension for ``generate``.
+    """
+    if isinstance(question_turns, str):
+        question_turns = [(USER, question_turns)]
+    ids = ConversationEncoder(processor, template).prompt(question_turns)
+    return torch.tensor(ids, dtype=torch.long)
