@@ -84,3 +84,15 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 1, scale: float = 0.2)
 @pytest.fixture
 def llava():
     return build_llava()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A tiny (not pretrained) LLaVA model directory and a small 3-domain synthetic data set."""
+    from llava_mole.data.synthetic import make_data
+    from llava_mole.models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    model_dir = make_tiny(root / "model", seed=0, pretrain=False, progress=False)
+    data_dir = make_data(root / "data", samples_per_domain=24, test_per_domain=6, seed=0)
+    return {"model": model_dir, "data": data_dir, "mixture": data_dir / "mixture.yaml", "root": root}

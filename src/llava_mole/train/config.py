@@ -1,0 +1,327 @@
+"""The training YAML: five top-level sections, strictly validated.
+
+```yaml
+model: {path: llava-mole-work/tiny-llava, dtype: float32}
+data: {mixture: llava-mole-work/data/mixture.yaml}
+adapter: {type: mole, rank: 4, alpha: 8, num_experts: 3}
+train: {learning_rate: 2.0e-4, max_steps: 200, per_device_batch_size: 8}
+output_dir: runs/tiny-mole
+```
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key. ``--set
+train.max_steps=20`` style overrides are applied before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ..adapters.config import MoLEConfig
+
+
+class ConfigError(ValueError):
+    """A training config problem; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    """Base model.
+
+    Args:
+        path: a local Hugging Face model directory (``save_pretrained`` layout).
+        dtype: dtype of the frozen base weights (``float32``, ``bfloat16``, ``float16``).
+        trust_remote_code: only if you trust the directory's code; never on by default.
+        attn_implementation: e.g. ``sdpa`` or ``eager``; ``null`` lets transformers choose.
+    """
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataSection:
+    """Training data.
+
+    Args:
+        mixture: the mixture YAML (see README, "Data mixtures").
+        split: which split of each dataset to train on.
+        strict: stop on the first bad samples instead of skipping and counting them
+            (``null``: the mixture's own setting).
+        max_length: override the mixture's ``max_length``.
+        group_by_length: LLaVA's modality/length-grouped sampling.
+    """
+
+    mixture: str = ""
+    split: str = "train"
+    strict: bool | None = None
+    max_length: int | None = None
+    group_by_length: bool = False
+
+
+@dataclass
+class AdapterSection:
+    """The adapter (see :class:`llava_mole.MoLEConfig`); ``type`` is ``lora`` or ``mole``."""
+
+    type: Literal["lora", "mole"] = "mole"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    num_experts: int = 3
+    top_k: int = 1
+    normalize_top_k: bool = False
+    balance_coef: float = 0.01
+    router_z_coef: float = 0.0
+    gate_weighting: Literal["prob", "none"] = "prob"
+    balance_loss: Literal["switch", "official"] = "switch"
+    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    target_tree: str | None = None
+    train_projector: bool = True
+    dispatch: Literal["auto", "loop", "grouped_mm", "dense"] = "auto"
+
+    def to_mole_config(self) -> MoLEConfig:
+        data = dataclasses.asdict(self)
+        data["mode"] = data.pop("type")
+        try:
+            return MoLEConfig(**data)
+        except ValueError as err:
+            raise ConfigError(str(err).replace("MoLEConfig.", "adapter.")) from None
+
+
+@dataclass
+class TrainSection:
+    """Optimisation and run control.
+
+    Args:
+        learning_rate: peak learning rate of the adapter.
+        projector_lr: learning rate of the multimodal projector (LLaVA's ``mm_projector_lr``);
+            ``null`` uses ``learning_rate``.
+        lr_scheduler: a transformers scheduler name (``cosine``, ``linear``, ``constant``...).
+        warmup_ratio: share of steps for linear warmup.
+        epochs: passes over the data (ignored when ``max_steps > 0``).
+        max_steps: total optimizer steps; ``-1`` derives them from ``epochs``.
+        per_device_batch_size: samples per device per micro-batch.
+        gradient_accumulation: micro-batches per optimizer step.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (mixed precision; routers stay float32).
+        seed: seed of data order, initialisation and dropout.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping.
+        logging_steps: steps between log lines.
+        save_steps: steps between checkpoints (``0``: only at the end).
+        save_total_limit: checkpoints kept.
+        gradient_checkpointing: non-reentrant activation checkpointing.
+        num_workers: data-loader workers.
+        nan_policy: ``stop`` (default) or ``skip`` a step whose loss or gradients are not finite.
+        collapse_threshold: warn when an expert gets less than this share of tokens...
+        collapse_window: ...averaged over this many logged steps.
+        log_domain_loss: log the LM loss per domain.
+        report_to: ``tensorboard`` and/or ``none``.
+        deepspeed: path to a DeepSpeed JSON config (GPU).
+        fsdp: transformers ``fsdp`` option string (GPU), e.g. ``"full_shard auto_wrap"``.
+        fsdp_config: path to an FSDP JSON config.
+        resume: ``auto`` resumes from the latest checkpoint in ``output_dir``; a path resumes
+            from that checkpoint; ``false`` refuses to reuse a directory holding checkpoints.
+        stop_after_steps: end this invocation (with a checkpoint) after this many optimizer steps
+            of the run, keeping the full schedule; resume continues it. ``0``: off.
+    """
+
+    learning_rate: float = 2e-4
+    projector_lr: float | None = None
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 8
+    gradient_accumulation: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    save_steps: int = 0
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = False
+    num_workers: int = 0
+    nan_policy: Literal["stop", "skip"] = "stop"
+    collapse_threshold: float = 0.02
+    collapse_window: int = 5
+    log_domain_loss: bool = True
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    deepspeed: str | None = None
+    fsdp: str | None = None
+    fsdp_config: str | None = None
+    resume: str | bool = "auto"
+    stop_after_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """The whole training config (``model``, ``data``, ``adapter``, ``train``, ``output_dir``)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def validate(self) -> None:
+        if not self.model.path:
+            raise ConfigError("model.path: required (a local model directory)")
+        if not self.data.mixture:
+            raise ConfigError("data.mixture: required (a mixture YAML)")
+        if not self.output_dir:
+            raise ConfigError("output_dir: required")
+        positive = {
+            "train.per_device_batch_size": self.train.per_device_batch_size,
+            "train.gradient_accumulation": self.train.gradient_accumulation,
+            "train.logging_steps": self.train.logging_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1 (got {value})")
+        if self.train.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate: must be > 0 (got {self.train.learning_rate})")
+        if not 0 <= self.train.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {self.train.max_steps})")
+        if self.train.max_steps == -1 and self.train.epochs <= 0:
+            raise ConfigError(f"train.epochs: must be > 0 (got {self.train.epochs})")
+        for name in self.train.report_to:
+            if name not in ("tensorboard", "none"):
+                raise ConfigError(f"train.report_to: unknown logger {name!r} (tensorboard, none)")
+        self.adapter.to_mole_config()
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: must be one of {list(get_args(tp))} (got {value!r})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(err)
+        if value is None:
+            raise ConfigError(f"{key}: must not be null")
+        raise errors[0]
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"{where}: unknown key (known: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, key)
+        else:
+            kwargs[name] = _coerce(key, data[name], tp)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training YAML, apply overrides, validate.
+
+    Relative ``model.path``, ``data.mixture`` and ``output_dir`` are taken relative to the
+    current directory (the shipped configs assume you run from the project folder).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    config = _build(TrainConfig, data, "")
+    config.validate()
+    return config

@@ -1,0 +1,355 @@
+"""``transformers.Trainer`` for MoLE / LoRA instruction tuning.
+
+What it adds to the stock Trainer:
+
+* **Loss**: token-level cross entropy computed here (so it is exact across gradient accumulation
+  and DDP: sum over label tokens / label tokens of the whole optimizer step) plus the MoLE
+  auxiliary loss of each micro-batch (``mole_aux_loss``), averaged over micro-batches.
+* **Logging**: LM loss, balance loss, per-expert load and per-domain LM loss, reduced over
+  processes at each logging step.
+* **Checkpoints**: adapter-only (``save_adapter`` format) plus optimizer, scheduler and RNG
+  state, written under a temporary name and renamed when complete, so a half-written
+  checkpoint is never taken as the latest.
+* **Numerical faults**: a non-finite loss or gradient stops the run (or skips the step) with
+  a message naming the step, before anything overwrites the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..adapters.inject import PROJECTOR_NAME, adapter_info
+from ..adapters.io import load_adapter, save_adapter
+from ..adapters.state import get_state, mole_aux_loss, set_token_tags
+from ..data.templates import IGNORE_INDEX
+
+logger = logging.getLogger("llava_mole.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN/Inf loss or gradient under ``nan_policy: stop``."""
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross entropy ``(B, T-1)`` in float32, zero where ignored."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return loss.view(shift_labels.shape)
+
+
+class MoLETrainer(Trainer):
+    """Trainer for models adapted with :func:`llava_mole.apply_mole`.
+
+    Args:
+        domains: domain names of the training mixture (for per-domain logging).
+        projector_lr: learning rate of the multimodal projector (``None``: the main one).
+        nan_policy: ``"stop"`` or ``"skip"``.
+        log_domain_loss: log the LM loss per domain.
+        **kwargs: passed to ``transformers.Trainer``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        domains: list[str] | None = None,
+        projector_lr: float | None = None,
+        nan_policy: str = "stop",
+        log_domain_loss: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.domains = list(domains or [])
+        self.projector_lr = projector_lr
+        self.nan_policy = nan_policy
+        self.log_domain_loss = log_domain_loss
+        self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
+        self.skipped_steps: list[int] = []
+        self.tokens_seen = 0
+        self._reset_accumulators()
+        self.add_callback(_GradientGuard(self))
+
+    # ---- loss --------------------------------------------------------------------------------
+    def _reset_accumulators(self) -> None:
+        self._acc: dict[str, torch.Tensor] = {}
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._acc[name] = self._acc[name] + value if name in self._acc else value.clone()
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        labels = inputs.pop("labels")
+        domain_ids = inputs.pop("domain_ids", None)
+        set_token_tags(model, domain_ids, num_domains=max(len(self.domains), 1))
+        outputs = model(**inputs)
+        token_loss = token_cross_entropy(outputs.logits, labels)
+        valid = (labels[:, 1:] != IGNORE_INDEX).float()
+        lm_sum = token_loss.sum()
+        local_count = valid.sum()
+
+        ga_steps = max(self.current_gradient_accumulation_steps, 1)
+        world = self.accelerator.num_processes
+        if num_items_in_batch is not None:
+            # Global label count of the optimizer step; DDP averages gradients over processes,
+            # so multiplying by the world size makes the result sum(CE) / global count.
+            denominator = torch.as_tensor(num_items_in_batch, device=lm_sum.device).float()
+            scale = world if self.args.average_tokens_across_devices else 1
+            lm_loss = lm_sum / denominator.clamp_min(1) * scale
+        else:
+            lm_loss = lm_sum / local_count.clamp_min(1) / ga_steps
+        loss = lm_loss
+        aux = mole_aux_loss(model)
+        if aux is not None:
+            loss = loss + aux / ga_steps
+
+        if model.training:
+            self._accumulate("lm_sum", lm_sum)
+            self._accumulate("lm_count", local_count)
+            self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
+            self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(labels.numel())
+            state = get_state(model)
+            if state is not None and state.loads:
+                balance = state.balance_loss()
+                if balance is not None:
+                    self._accumulate("balance_sum", balance)
+                self._accumulate("load_sum", torch.stack(state.loads).mean(0))
+            if self.log_domain_loss and domain_ids is not None and self.domains:
+                domains = domain_ids.to(lm_sum.device)
+                per_sample = token_loss.sum(1).detach().float()
+                counts = valid.sum(1)
+                d = len(self.domains)
+                self._accumulate("domain_sum", torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample))
+                self._accumulate("domain_count", torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts))
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(self._nan_message("loss", step))
+            logger.warning("non-finite loss at step %d: skipping the step", step)
+            self._skip_pending = True
+            return torch.zeros_like(loss)
+        return loss
+
+    def _nan_message(self, what: str, step: int) -> str:
+        last = _latest_complete_checkpoint(self.args.output_dir)
+        kept = f"; the last good checkpoint {last} is intact" if last else "; no checkpoint was written yet"
+        return (
+            f"non-finite {what} (NaN/Inf) at step {step}: training stopped{kept} "
+            "(lower train.learning_rate, or set train.nan_policy=skip)"
+        )
+
+    # ---- logging -----------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._acc:
+            acc = {k: self.accelerator.reduce(v.clone(), reduction="sum") for k, v in self._acc.items()}
+            logs["lm_loss"] = round(float(acc["lm_sum"] / acc["lm_count"].clamp_min(1)), 6)
+            if "balance_sum" in acc:
+                logs["balance_loss"] = round(float(acc["balance_sum"] / acc["micro_batches"]), 6)
+            if "load_sum" in acc:
+                loads = (acc["load_sum"] / acc["micro_batches"]).tolist()
+                for k, value in enumerate(loads):
+                    logs[f"expert_load/{k}"] = round(value, 4)
+            if "domain_sum" in acc:
+                for name, total, count in zip(self.domains, acc["domain_sum"].tolist(), acc["domain_count"].tolist()):
+                    if count > 0:
+                        logs[f"domain_loss/{name}"] = round(total / count, 6)
+            self._reset_accumulators()
+        super().log(logs, start_time)
+
+    # ---- optimizer ---------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.projector_lr is not None:
+            model = model if model is not None else self.model
+            projector, rest = [], []
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    (projector if PROJECTOR_NAME in name.split(".") else rest).append(param)
+            groups = [{"params": rest, "lr": self.args.learning_rate}]
+            if projector:
+                groups.append({"params": projector, "lr": self.projector_lr})
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # Sharded engines gather the full state dict; keep only the adapter tensors from it.
+            state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+            if self.args.should_save:
+                _save_from_state_dict(self.accelerator.unwrap_model(self.model), state_dict, output_dir)
+            return
+        if self.args.should_save:
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The stock version writes straight into checkpoint-N; write to a temporary name and
+        # rename once every file (adapter, optimizer, scheduler, RNG, trainer state) is on disk.
+        run_dir = Path(self._get_output_dir(trial=trial))
+        step = self.state.global_step
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        temp = run_dir / f".tmp-{PREFIX_CHECKPOINT_DIR}-{step}"
+        if self.args.should_save:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.store_flos()
+        self.save_model(str(temp), _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(temp))
+            self._save_scaler(str(temp))
+            self._save_rng_state(str(temp))
+        if self.args.should_save:
+            for callback in self.callback_handler.callbacks + [self.control]:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+            self.state.save_to_json(str(temp / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            _fsync_tree(temp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temp, final)
+            _fsync_dir(run_dir)
+            _rotate_checkpoints(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        load_adapter(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:  # pragma: no cover - evaluation-based selection unused
+        return
+
+
+class _GradientGuard(TrainerCallback):
+    """Checks gradients before each optimizer step (non-finite -> stop or skip)."""
+
+    def __init__(self, trainer: MoLETrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        params = [p for p in trainer.model.parameters() if p.grad is not None]
+        skip = getattr(trainer, "_skip_pending", False)
+        if params and not skip:
+            finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+            if not bool(finite):
+                step = state.global_step + 1
+                if trainer.nan_policy == "stop":
+                    raise NonFiniteLossError(trainer._nan_message("gradient", step))
+                logger.warning("non-finite gradient at step %d: skipping the step", step)
+                skip = True
+        if skip:
+            # AdamW leaves parameters without a gradient untouched: a true skip.
+            for p in trainer.model.parameters():
+                p.grad = None
+            trainer.skipped_steps.append(state.global_step + 1)
+            trainer._skip_pending = False
+        return control
+
+
+def _save_from_state_dict(model: torch.nn.Module, state_dict: dict, output_dir: str) -> None:
+    info = adapter_info(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in info.trainable:
+            if name in state_dict and state_dict[name].shape == params[name].shape:
+                params[name].data = state_dict[name].to(params[name].device, params[name].dtype)
+    save_adapter(model, output_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    if path.is_dir() and path.name.startswith(prefix) and path.name[len(prefix) :].isdigit():
+        return int(path.name[len(prefix) :])
+    return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint directory with adapter, trainer state and optimizer state."""
+    needed = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
+    return all((path / name).is_file() for name in needed)
+
+
+def _latest_complete_checkpoint(run_dir: str | os.PathLike | None) -> Path | None:
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    steps = [(s, p) for p in Path(run_dir).iterdir() if (s := _checkpoint_step(p)) is not None]
+    for _, path in sorted(steps, reverse=True):
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``checkpoint-N`` directory of a run (temporary ones are ignored)."""
+    return _latest_complete_checkpoint(run_dir)
+
+
+def _rotate_checkpoints(run_dir: Path, limit: int | None) -> None:
+    if not limit or limit < 1:
+        return
+    steps = sorted((s, p) for p in run_dir.iterdir() if (s := _checkpoint_step(p)) is not None)
+    for _, path in steps[:-limit]:
+        shutil.rmtree(path, ignore_errors=True)
+    for leftover in run_dir.glob(f".tmp-{PREFIX_CHECKPOINT_DIR}-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def warmup_steps_value(ratio: float) -> float:
+    """``warmup_steps`` accepts a ratio in [0, 1) in transformers 5."""
+    return float(ratio) if ratio > 0 else 0.0
+
+
+def steps_for(num_samples: int, batch: int, accumulation: int, world: int, epochs: float) -> int:
+    per_epoch = math.ceil(num_samples / (batch * world))
+    return max(1, math.ceil(per_epoch * epochs / accumulation))

@@ -1,0 +1,121 @@
+"""Training with the Trainer subclass on the tiny world: outputs, exact resume, faults."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_mole.train.config import ConfigError, load_train_config
+from llava_mole.train.run import train
+from llava_mole.train.trainer import MoLETrainer, NonFiniteLossError
+
+
+def base_overrides(world, out, **train_kw) -> list[str]:
+    items = [
+        f"model.path={world['model']}",
+        f"data.mixture={world['mixture']}",
+        f"output_dir={out}",
+        "adapter.rank=4",
+        "adapter.alpha=8",
+        "adapter.num_experts=3",
+        "train.per_device_batch_size=4",
+        "train.learning_rate=0.002",
+        "train.logging_steps=1",
+        "train.report_to=[none]",
+        "train.max_steps=6",
+    ]
+    items += [f"train.{k}={v}" for k, v in train_kw.items()]
+    return items
+
+
+def logged_losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "logs.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def test_config_errors_name_the_key(tiny_world, tmp_path):
+    with pytest.raises(ConfigError, match="train.max_stepz: unknown key"):
+        load_train_config(None, base_overrides(tiny_world, tmp_path) + ["train.max_stepz=3"])
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        load_train_config(None, base_overrides(tiny_world, tmp_path) + ["train.max_steps=ten"])
+    with pytest.raises(ConfigError, match="adapter.num_experts"):
+        load_train_config(None, base_overrides(tiny_world, tmp_path) + ["adapter.num_experts=0"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_train_config(tmp_path / "nope.yaml")
+    cfg = load_train_config(None, base_overrides(tiny_world, tmp_path) + ["data.mixture=/nonexistent.yaml"])
+    with pytest.raises(ConfigError, match="data.mixture: file not found"):
+        train(cfg)
+
+
+def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
+    full = tmp_path / "full"
+    result = train(load_train_config(None, base_overrides(tiny_world, full, save_steps=3)))
+    assert result.completed
+    for name in ("adapter_config.json", "adapter_model.safetensors", "summary.json", "run_config.yaml", "training.png", "logs.jsonl"):
+        assert (full / name).is_file(), name
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens_per_s"] > 0
+    assert set(summary["final"]) >= {"lm_loss", "balance_loss", "expert_load/0", "domain_loss/general"}
+
+    half = tmp_path / "half"
+    first = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3, stop_after_steps=3)))
+    assert not first.completed and not (half / "adapter_model.safetensors").exists()
+    assert (half / "checkpoint-3").is_dir()
+    second = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3)))
+    assert second.completed and second.summary["resumed_from"].endswith("checkpoint-3")
+
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(half / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert logged_losses(full) == logged_losses(half)
+
+
+def test_other_runs_directory_is_refused(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2, stop_after_steps=2)))
+    other = base_overrides(tiny_world, out, save_steps=2) + ["adapter.rank=8"]
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(adapter.rank: 4 there, 8 here\)"):
+        train(load_train_config(None, other))
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2, resume=False)))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypatch):
+    original = MoLETrainer.compute_loss
+
+    def poisoned(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        return loss * float("nan") if self.state.global_step == 3 else loss
+
+    monkeypatch.setattr(MoLETrainer, "compute_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"at step 4: training stopped; the last good checkpoint .*checkpoint-2 is intact"):
+        train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2)))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+    skip_out = tmp_path / "skip"
+    result = train(load_train_config(None, base_overrides(tiny_world, skip_out, nan_policy="skip")))
+    assert result.completed and result.summary["skipped_steps"] == [4]
+
+
+def test_activation_checkpointing_gives_same_losses(tiny_world, tmp_path):
+    plain = train(load_train_config(None, base_overrides(tiny_world, tmp_path / "a", max_steps=3) + ["adapter.dropout=0.0"]))
+    ckpt = train(load_train_config(None, base_overrides(tiny_world, tmp_path / "b", max_steps=3, gradient_checkpointing=True) + ["adapter.dropout=0.0"]))
+    la, lb = logged_losses(plain.output_dir), logged_losses(ckpt.output_dir)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+    a = load_file(str(plain.output_dir / "adapter_model.safetensors"))
+    b = load_file(str(ckpt.output_dir / "adapter_model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
