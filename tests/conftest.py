@@ -95,4 +95,9 @@ def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_world")
     model_dir = make_tiny(root / "model", seed=0, pretrain=False, progress=False)
     data_dir = make_data(root / "data", samples_per_domain=24, test_per_domain=6, seed=0)
-    return {"model": model_dir, "data": data_dir, "mixture": data_dir / "mixture.yaml", "root": root}
+    return {
+        "model": model_dir,
+        "data": data_dir,
+        "mixture": data_dir / "mixture.yaml",
+        "root": root,
+    }

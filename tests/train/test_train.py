@@ -49,7 +49,9 @@ def test_config_errors_name_the_key(tiny_world, tmp_path):
         load_train_config(None, base_overrides(tiny_world, tmp_path) + ["adapter.num_experts=0"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_train_config(tmp_path / "nope.yaml")
-    cfg = load_train_config(None, base_overrides(tiny_world, tmp_path) + ["data.mixture=/nonexistent.yaml"])
+    cfg = load_train_config(
+        None, base_overrides(tiny_world, tmp_path) + ["data.mixture=/nonexistent.yaml"]
+    )
     with pytest.raises(ConfigError, match="data.mixture: file not found"):
         train(cfg)
 
@@ -58,14 +60,28 @@ def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
     full = tmp_path / "full"
     result = train(load_train_config(None, base_overrides(tiny_world, full, save_steps=3)))
     assert result.completed
-    for name in ("adapter_config.json", "adapter_model.safetensors", "summary.json", "run_config.yaml", "training.png", "logs.jsonl"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "summary.json",
+        "run_config.yaml",
+        "training.png",
+        "logs.jsonl",
+    ):
         assert (full / name).is_file(), name
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["tokens_per_s"] > 0
-    assert set(summary["final"]) >= {"lm_loss", "balance_loss", "expert_load/0", "domain_loss/general"}
+    assert set(summary["final"]) >= {
+        "lm_loss",
+        "balance_loss",
+        "expert_load/0",
+        "domain_loss/general",
+    }
 
     half = tmp_path / "half"
-    first = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3, stop_after_steps=3)))
+    first = train(
+        load_train_config(None, base_overrides(tiny_world, half, save_steps=3, stop_after_steps=3))
+    )
     assert not first.completed and not (half / "adapter_model.safetensors").exists()
     assert (half / "checkpoint-3").is_dir()
     second = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3)))
@@ -81,9 +97,13 @@ def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
 
 def test_other_runs_directory_is_refused(tiny_world, tmp_path):
     out = tmp_path / "run"
-    train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2, stop_after_steps=2)))
+    train(
+        load_train_config(None, base_overrides(tiny_world, out, save_steps=2, stop_after_steps=2))
+    )
     other = base_overrides(tiny_world, out, save_steps=2) + ["adapter.rank=8"]
-    with pytest.raises(ConfigError, match=r"holds checkpoints of another run \(adapter.rank: 4 there, 8 here\)"):
+    with pytest.raises(
+        ConfigError, match=r"holds checkpoints of another run \(adapter.rank: 4 there, 8 here\)"
+    ):
         train(load_train_config(None, other))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2, resume=False)))
@@ -98,9 +118,14 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypa
 
     monkeypatch.setattr(MoLETrainer, "compute_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"at step 4: training stopped; the last good checkpoint .*checkpoint-2 is intact"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"at step 4: training stopped; the last good checkpoint .*checkpoint-2 is intact",
+    ):
         train(load_train_config(None, base_overrides(tiny_world, out, save_steps=2)))
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2"
+    ]
     assert not (out / "adapter_model.safetensors").exists()
 
     skip_out = tmp_path / "skip"
@@ -109,8 +134,18 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_world, tmp_path, monkeypa
 
 
 def test_activation_checkpointing_gives_same_losses(tiny_world, tmp_path):
-    plain = train(load_train_config(None, base_overrides(tiny_world, tmp_path / "a", max_steps=3) + ["adapter.dropout=0.0"]))
-    ckpt = train(load_train_config(None, base_overrides(tiny_world, tmp_path / "b", max_steps=3, gradient_checkpointing=True) + ["adapter.dropout=0.0"]))
+    plain = train(
+        load_train_config(
+            None, base_overrides(tiny_world, tmp_path / "a", max_steps=3) + ["adapter.dropout=0.0"]
+        )
+    )
+    ckpt = train(
+        load_train_config(
+            None,
+            base_overrides(tiny_world, tmp_path / "b", max_steps=3, gradient_checkpointing=True)
+            + ["adapter.dropout=0.0"],
+        )
+    )
     la, lb = logged_losses(plain.output_dir), logged_losses(ckpt.output_dir)
     assert la.keys() == lb.keys()
     for step in la:

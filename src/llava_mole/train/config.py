@@ -82,7 +82,9 @@ class AdapterSection:
     router_z_coef: float = 0.0
     gate_weighting: Literal["prob", "none"] = "prob"
     balance_loss: Literal["switch", "official"] = "switch"
-    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    attn_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     target_tree: str | None = None
     train_projector: bool = True
@@ -197,7 +199,9 @@ class TrainConfig:
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate: must be > 0 (got {self.train.learning_rate})")
         if not 0 <= self.train.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})")
+            raise ConfigError(
+                f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})"
+            )
         if self.train.max_steps == 0 or self.train.max_steps < -1:
             raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {self.train.max_steps})")
         if self.train.max_steps == -1 and self.train.epochs <= 0:

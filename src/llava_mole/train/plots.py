@@ -33,7 +33,10 @@ def plot_training(log_path: str | Path, out_path: str | Path, title: str = "") -
     if not records:
         return None
     steps = [r["step"] for r in records]
-    loads = sorted({k for r in records for k in r if k.startswith("expert_load/")}, key=lambda k: int(k.split("/")[1]))
+    loads = sorted(
+        {k for r in records for k in r if k.startswith("expert_load/")},
+        key=lambda k: int(k.split("/")[1]),
+    )
     domains = sorted({k for r in records for k in r if k.startswith("domain_loss/")})
     fig, axes = plt.subplots(1, 2 if loads else 1, figsize=(11 if loads else 6, 4), squeeze=False)
     ax = axes[0][0]

@@ -156,9 +156,15 @@ def _zero3_leaf(config: TrainConfig) -> None:
     if not config.train.deepspeed:
         return
     try:
-        stage = json.loads(Path(config.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+        stage = (
+            json.loads(Path(config.train.deepspeed).read_text())
+            .get("zero_optimization", {})
+            .get("stage")
+        )
     except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"train.deepspeed: cannot read {config.train.deepspeed} ({err})") from None
+        raise ConfigError(
+            f"train.deepspeed: cannot read {config.train.deepspeed} ({err})"
+        ) from None
     return stage
 
 
@@ -180,7 +186,9 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     elif overrides:
         raise ValueError("overrides are only applied to a config path")
     if not Path(config.data.mixture).is_file():
-        raise ConfigError(f"data.mixture: file not found: {config.data.mixture} (run `llava-mole make-data`?)")
+        raise ConfigError(
+            f"data.mixture: file not found: {config.data.mixture} (run `llava-mole make-data`?)"
+        )
     checkpoint = _check_output_dir(config)
     out = Path(config.output_dir)
     if checkpoint is None and (out / SUMMARY).is_file() and config.train.resume is not False:
@@ -210,7 +218,11 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         set_z3_leaf_modules(model, [MoLEMLP])
 
     dataset, report = build_datasets(
-        config.data.mixture, processor, split=config.data.split, seed=config.train.seed, strict=config.data.strict
+        config.data.mixture,
+        processor,
+        split=config.data.split,
+        seed=config.train.seed,
+        strict=config.data.strict,
     )
     if config.data.max_length is not None:
         dataset.max_length = config.data.max_length
@@ -239,23 +251,36 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     )
     if config.data.group_by_length:
         sampler = ModalityLengthGroupedSampler(
-            dataset.lengths, dataset.has_image, config.train.per_device_batch_size, args.world_size, config.train.seed
+            dataset.lengths,
+            dataset.has_image,
+            config.train.per_device_batch_size,
+            args.world_size,
+            config.train.seed,
         )
         trainer._get_train_sampler = lambda *a, **k: sampler
 
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - started
-    tokens = trainer.accelerator.reduce(torch.tensor(float(trainer.tokens_seen), device=args.device), "sum").item()
+    tokens = trainer.accelerator.reduce(
+        torch.tensor(float(trainer.tokens_seen), device=args.device), "sum"
+    ).item()
     completed = not stopper.stopped
     summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, checkpoint)
     if trainer.is_world_process_zero():
         if completed:
             trainer.save_model(str(out))
             atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-            plot_training(out / "logs.jsonl", out / "training.png", title=f"{mole_config.mode} r={mole_config.rank}")
+            plot_training(
+                out / "logs.jsonl",
+                out / "training.png",
+                title=f"{mole_config.mode} r={mole_config.rank}",
+            )
         else:
-            print(f"stopped after step {trainer.state.global_step}; run the same command again to resume", flush=True)
+            print(
+                f"stopped after step {trainer.state.global_step}; run the same command again to resume",
+                flush=True,
+            )
     return TrainResult(out, summary, completed)
 
 
@@ -271,7 +296,11 @@ def _summary(trainer, config, wall, tokens, report, warnings, resumed_from) -> d
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "resumed_from": str(resumed_from) if resumed_from else None,
         "trainable_parameters": count_trainable(trainer.model),
-        "final": {k: v for k, v in last.items() if k not in ("step", "epoch", "grad_norm", "learning_rate")},
+        "final": {
+            k: v
+            for k, v in last.items()
+            if k not in ("step", "epoch", "grad_norm", "learning_rate")
+        },
         "loss_curve": [[r["step"], r["loss"]] for r in records],
         "skipped_steps": trainer.skipped_steps,
         "router_warnings": warnings,

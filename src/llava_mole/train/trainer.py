@@ -129,7 +129,11 @@ class MoLETrainer(Trainer):
             self._accumulate("lm_sum", lm_sum)
             self._accumulate("lm_count", local_count)
             self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
-            self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(labels.numel())
+            self.tokens_seen += (
+                int(inputs["attention_mask"].sum())
+                if "attention_mask" in inputs
+                else int(labels.numel())
+            )
             state = get_state(model)
             if state is not None and state.loads:
                 balance = state.balance_loss()
@@ -141,8 +145,14 @@ class MoLETrainer(Trainer):
                 per_sample = token_loss.sum(1).detach().float()
                 counts = valid.sum(1)
                 d = len(self.domains)
-                self._accumulate("domain_sum", torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample))
-                self._accumulate("domain_count", torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts))
+                self._accumulate(
+                    "domain_sum",
+                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample),
+                )
+                self._accumulate(
+                    "domain_count",
+                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts),
+                )
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -158,7 +168,11 @@ class MoLETrainer(Trainer):
 
     def _nan_message(self, what: str, step: int) -> str:
         last = _latest_complete_checkpoint(self.args.output_dir)
-        kept = f"; the last good checkpoint {last} is intact" if last else "; no checkpoint was written yet"
+        kept = (
+            f"; the last good checkpoint {last} is intact"
+            if last
+            else "; no checkpoint was written yet"
+        )
         return (
             f"non-finite {what} (NaN/Inf) at step {step}: training stopped{kept} "
             "(lower train.learning_rate, or set train.nan_policy=skip)"
@@ -167,7 +181,9 @@ class MoLETrainer(Trainer):
     # ---- logging -----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._acc:
-            acc = {k: self.accelerator.reduce(v.clone(), reduction="sum") for k, v in self._acc.items()}
+            acc = {
+                k: self.accelerator.reduce(v.clone(), reduction="sum") for k, v in self._acc.items()
+            }
             logs["lm_loss"] = round(float(acc["lm_sum"] / acc["lm_count"].clamp_min(1)), 6)
             if "balance_sum" in acc:
                 logs["balance_loss"] = round(float(acc["balance_sum"] / acc["micro_batches"]), 6)
@@ -176,7 +192,9 @@ class MoLETrainer(Trainer):
                 for k, value in enumerate(loads):
                     logs[f"expert_load/{k}"] = round(value, 4)
             if "domain_sum" in acc:
-                for name, total, count in zip(self.domains, acc["domain_sum"].tolist(), acc["domain_count"].tolist()):
+                for name, total, count in zip(
+                    self.domains, acc["domain_sum"].tolist(), acc["domain_count"].tolist()
+                ):
                     if count > 0:
                         logs[f"domain_loss/{name}"] = round(total / count, 6)
             self._reset_accumulators()
@@ -193,7 +211,9 @@ class MoLETrainer(Trainer):
             groups = [{"params": rest, "lr": self.args.learning_rate}]
             if projector:
                 groups.append({"params": projector, "lr": self.projector_lr})
-            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay
+            )
             return self.optimizer
         return super().create_optimizer(model)
 
@@ -202,9 +222,13 @@ class MoLETrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             # Sharded engines gather the full state dict; keep only the adapter tensors from it.
-            state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+            state_dict = self.accelerator.get_state_dict(
+                self.deepspeed if self.is_deepspeed_enabled else self.model
+            )
             if self.args.should_save:
-                _save_from_state_dict(self.accelerator.unwrap_model(self.model), state_dict, output_dir)
+                _save_from_state_dict(
+                    self.accelerator.unwrap_model(self.model), state_dict, output_dir
+                )
             return
         if self.args.should_save:
             save_adapter(self.accelerator.unwrap_model(self.model), output_dir)

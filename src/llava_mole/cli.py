@@ -1,0 +1,311 @@
+"""``llava-mole`` command line: the entry point only; work happens in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+import textwrap
+from collections.abc import Callable
+
+from .models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .study.demo import run_demo
+
+    run_demo(out=args.out, seeds=args.seeds, quick=args.quick, workers=args.workers)
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .models.tiny import make_tiny
+
+    path = make_tiny(
+        args.out, seed=args.seed, pretrain=not args.no_pretrain, pretrain_steps=args.pretrain_steps
+    )
+    print(f"tiny LLaVA written to {path}")
+    return 0
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_data
+
+    path = make_data(
+        args.out,
+        samples_per_domain=args.samples_per_domain,
+        test_per_domain=args.test_per_domain,
+        seed=args.seed,
+        num_classes=args.num_classes,
+    )
+    print(f"synthetic domains written to {path} (mixture: {path / 'mixture.yaml'})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import train
+
+    result = train(args.config, args.set or [])
+    if result.completed:
+        s = result.summary
+        print(
+            f"done: {s['steps']} steps, {s.get('tokens_per_s')} tokens/s; adapter in {result.output_dir}",
+            flush=True,
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.generate import evaluate
+
+    result = evaluate(
+        args.model,
+        adapter_dir=args.adapter,
+        mixture=args.data,
+        split=args.split,
+        out=args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+    )
+    for domain, row in result["per_domain"].items():
+        print(f"{domain:>16}: {row['score']:.4f}  ({row['metric']}, n={row['n']})")
+    overall = result["overall"]
+    print(
+        f"{'overall':>16}: macro {overall['macro']:.4f}, micro {overall['micro']:.4f} (n={overall['n']})"
+    )
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .eval.generate import predict
+
+    print(
+        predict(
+            args.model,
+            image=args.image,
+            question=args.question,
+            adapter_dir=args.adapter,
+            max_new_tokens=args.max_new_tokens,
+        )
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .study.compare import run_study
+
+    run_study(args.study, args.out)
+    return 0
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    from .adapters.peft_export import export_peft
+
+    path = export_peft(args.adapter, args.out)
+    print(f"PEFT LoRA adapter written to {path}")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-mole",
+        description="Sparse Mixture of LoRA Experts (LLaVA-MoLE) for multimodal instruction tuning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            """
+            llava-mole demo                          # the data-conflict study on the built-in world
+            llava-mole make-tiny && llava-mole make-data
+            llava-mole train configs/tiny-mole.yaml --set train.max_steps=50
+            """
+        ),
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, func: Callable, help_text: str, examples: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_examples(examples),
+            formatter_class=fmt,
+        )
+        p.set_defaults(func=func)
+        # SUPPRESS: a --debug given before the command must not be reset by the subparser.
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks"
+        )
+        return p
+
+    p = add(
+        "demo",
+        cmd_demo,
+        "build the tiny model and synthetic domains, run the data-conflict study, write a report",
+        "llava-mole demo\nllava-mole demo --out demo-run --seeds 3",
+    )
+    p.add_argument("--out", default="llava-mole-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per setting (default: %(default)s)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="parallel training processes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a much smaller study (smoke test; not conclusive)"
+    )
+
+    p = add(
+        "make-tiny",
+        cmd_make_tiny,
+        "write the built-in tiny LLaVA (Llama + CLIP + projector, pretrained on captions, cached)",
+        f"llava-mole make-tiny\nllava-mole make-tiny {DEFAULT_TINY_MODEL_DIR} --seed 1",
+    )
+    p.add_argument(
+        "out",
+        nargs="?",
+        default=DEFAULT_TINY_MODEL_DIR,
+        help="output folder (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-pretrain", action="store_true", help="skip the stage-1 caption pretraining"
+    )
+    p.add_argument("--pretrain-steps", type=int, default=None)
+
+    p = add(
+        "make-data",
+        cmd_make_data,
+        "write three synthetic visual domains in LLaVA format, plus mixture YAMLs",
+        f"llava-mole make-data\nllava-mole make-data {DEFAULT_DATA_DIR} --samples-per-domain 1000",
+    )
+    p.add_argument(
+        "out", nargs="?", default=DEFAULT_DATA_DIR, help="output folder (default: %(default)s)"
+    )
+    p.add_argument("--samples-per-domain", type=int, default=600)
+    p.add_argument("--test-per-domain", type=int, default=200)
+    p.add_argument("--num-classes", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add(
+        "train",
+        cmd_train,
+        "fine-tune with a MoLE or LoRA adapter from a YAML config",
+        "llava-mole train configs/tiny-mole.yaml\n"
+        "llava-mole train configs/tiny-lora.yaml --set train.max_steps=20 --set adapter.rank=8\n"
+        "torchrun --nproc_per_node 2 -m llava_mole.cli train configs/tiny-mole.yaml",
+    )
+    p.add_argument("config", help="training YAML (see configs/)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
+
+    p = add(
+        "eval",
+        cmd_eval,
+        "generate answers for a split of a mixture and score them per domain",
+        "llava-mole eval --model llava-mole-work/tiny-llava --adapter runs/tiny-mole "
+        "--data llava-mole-work/data/mixture.yaml --out results.json",
+    )
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", default=None, help="adapter directory (omit for the base model)")
+    p.add_argument("--data", required=True, help="mixture YAML")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="results JSON (predictions go next to it)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="at most this many samples per dataset")
+
+    p = add(
+        "predict",
+        cmd_predict,
+        "answer one question about one image",
+        "llava-mole predict --model llava-mole-work/tiny-llava --image cat.png --question 'What is this?'",
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--image", default=None)
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+    p = add(
+        "compare",
+        cmd_compare,
+        "run the data-conflict study (single-domain LoRA, mixed LoRA, mixed MoLE, controls)",
+        "llava-mole compare configs/study-tiny.yaml --out study-run",
+    )
+    p.add_argument("study", help="study YAML")
+    p.add_argument(
+        "--out", required=True, help="output folder (re-running continues an interrupted study)"
+    )
+
+    p = add(
+        "export-peft",
+        cmd_export_peft,
+        "convert a plain-LoRA (or one-expert) adapter to a Hugging Face PEFT adapter",
+        "llava-mole export-peft runs/tiny-lora peft-adapter",
+    )
+    p.add_argument("adapter")
+    p.add_argument("out")
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .adapters.inject import AdapterError
+    from .data.formats import DataError
+    from .models.loading import ModelLoadError
+    from .train.config import ConfigError
+    from .train.trainer import NonFiniteLossError
+
+    return (
+        ConfigError,
+        AdapterError,
+        DataError,
+        ModelLoadError,
+        NonFiniteLossError,
+        ValueError,
+        FileNotFoundError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors print one line and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BaseException as err:  # noqa: BLE001 - mapped to one line below
+        if debug or isinstance(err, SystemExit):
+            raise
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(
+                f"llava-mole {args.command}: error: disk full while writing ({err.filename or err}); "
+                "the previous checkpoint is kept",
+                file=sys.stderr,
+            )
+            return 2
+        if isinstance(err, _user_errors()) or isinstance(err, OSError):
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"llava-mole {args.command}: error: {message}", file=sys.stderr)
+            print("  (run with --debug for the full traceback)", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
