@@ -11,15 +11,16 @@ def read_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
+    by_step: dict[int, dict] = {}
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash
-        if "loss" in record:
-            records.append(record)
-    return records
+        if isinstance(record, dict) and "loss" in record:
+            # After a crash and resume, steps past the checkpoint are logged again: keep the last.
+            by_step[record.get("step", len(by_step))] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def plot_training(log_path: str | Path, out_path: str | Path, title: str = "") -> Path | None:
