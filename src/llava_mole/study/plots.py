@@ -1,0 +1,219 @@
+"""PNG figures of a data-conflict study, drawn from ``results.json`` alone.
+
+``scores.png`` (per-domain scores by setting), ``loss_curves.png`` (training loss of every
+setting) and ``routing.png`` (the paper's routing figure: expert load per layer and domain,
+separately for image and text tokens). Figures are drawn on matplotlib's Agg canvas without
+pyplot, so nothing global changes and no display is needed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_all", "plot_loss_curves", "plot_routing", "plot_scores"]
+
+_COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _figure(width: float, height: float) -> Figure:
+    # Constrained layout keeps titles, outside legends and rotated tick labels from overlapping.
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def plot_scores(results: dict[str, Any], path: str | Path) -> Path:
+    """Grouped bars of mean score per domain (and macro) per setting; std error bars, seed dots.
+
+    Args:
+        results: the study results (``scores``, ``domains``, ``settings``).
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    columns = results["domains"] + ["macro"]
+    settings = results["settings"]
+    fig = _figure(max(6.0, 1.6 * len(columns) * max(1, len(settings)) / 3), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(settings))
+    for i, setting in enumerate(settings):
+        colour = _COLOURS[i % len(_COLOURS)]
+        labelled = False
+        for j, col in enumerate(columns):
+            stat = results["scores"][setting][col]
+            if stat["mean"] is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            ax.bar(
+                x,
+                stat["mean"],
+                width,
+                yerr=stat["std"],
+                color=colour,
+                alpha=0.8,
+                capsize=3,
+                label=None if labelled else setting,
+            )
+            labelled = True
+            seeds = stat["scores"]
+            offsets = [(k - (len(seeds) - 1) / 2) * width * 0.15 for k in range(len(seeds))]
+            ax.scatter([x + o for o in offsets], seeds, s=10, color="black", zorder=3, linewidths=0)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
+    ax.set_title("Scores by setting (bars: mean ± std over seeds; dots: seeds)")
+    fig.legend(loc="outside lower center", fontsize=8, ncols=min(5, max(1, len(settings))))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def _mean_curve(curves: list[list[list[float]]]) -> tuple[list[float], list[float]]:
+    """Mean loss over seeds at the steps every curve logged."""
+    common = set.intersection(*({p[0] for p in c} for c in curves)) if curves else set()
+    steps = sorted(common)
+    lookup = [{p[0]: p[1] for p in c} for c in curves]
+    return steps, [statistics.fmean(d[s] for d in lookup) for s in steps]
+
+
+def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
+    """Training loss of every setting: mean over seeds (bold), each seed (thin).
+
+    Single-domain runs are drawn per domain (one line style per domain).
+
+    Args:
+        results: the study results (``runs``, ``settings``, ``domains``).
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    drawn = False
+    for i, setting in enumerate(results["settings"]):
+        colour = _COLOURS[i % len(_COLOURS)]
+        runs = [r for r in results["runs"] if r["setting"] == setting]
+        groups: dict[str | None, list[list[list[float]]]] = {}
+        for run in runs:
+            if run["loss_curve"]:
+                groups.setdefault(run["domain"], []).append(run["loss_curve"])
+        for g, (domain, curves) in enumerate(groups.items()):
+            style = _STYLES[g % len(_STYLES)] if domain is not None else "-"
+            for curve in curves:
+                ax.plot(
+                    [p[0] for p in curve],
+                    [p[1] for p in curve],
+                    color=colour,
+                    linestyle=style,
+                    linewidth=0.6,
+                    alpha=0.35,
+                )
+            steps, mean = _mean_curve(curves)
+            label = f"{setting} ({domain})" if domain is not None else setting
+            ax.plot(steps, mean, color=colour, linestyle=style, linewidth=2, label=label)
+            drawn = True
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (bold: mean over seeds; thin: seeds)")
+    if drawn:
+        ax.legend(fontsize=7, ncols=2)
+    else:
+        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_mole") -> Path:
+    """The routing figure: rows = token type (image, text), columns = layers (MoLE blocks).
+
+    Each panel has one stacked bar per domain: the share of that domain's tokens sent to each
+    expert (mean over seeds).
+
+    Args:
+        results: the study results (``routing``).
+        path: the PNG to write.
+        setting: the MoLE setting to draw.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        KeyError: ``setting`` has no routing picture.
+    """
+    picture = results["routing"][setting]
+    if picture is None:
+        raise KeyError(f"{setting}: no routing statistics")
+    blocks = sorted({b["block"] for b in picture["blocks"]})
+    domains = picture["domains"]
+    experts = picture["experts"]
+    fig = _figure(max(6.0, 2.3 * len(blocks)), 5.2)
+    axes = fig.subplots(2, len(blocks), squeeze=False, sharey=True)
+    for row, kind in enumerate(("image", "text")):
+        for col, block in enumerate(blocks):
+            ax = axes[row][col]
+            entries = {b["domain"]: b[kind] for b in picture["blocks"] if b["block"] == block}
+            bottoms = [0.0] * len(domains)
+            for k in range(experts):
+                heights = [
+                    entries.get(d)[k] if entries.get(d) is not None else 0.0  # type: ignore[index]
+                    for d in domains
+                ]
+                ax.bar(
+                    range(len(domains)),
+                    heights,
+                    bottom=bottoms,
+                    color=_COLOURS[k % len(_COLOURS)],
+                    label=f"expert {k}" if row == 0 and col == 0 else None,
+                    width=0.7,
+                )
+                bottoms = [b + h for b, h in zip(bottoms, heights)]
+            for x, d in enumerate(domains):
+                if entries.get(d) is None:
+                    ax.text(x, 0.5, "n/a", ha="center", va="center", fontsize=7, rotation=90)
+            ax.set_xticks(range(len(domains)), domains, rotation=30, fontsize=7, ha="right")
+            ax.tick_params(axis="x", length=0)
+            ax.set_ylim(0, 1)
+            if row == 0:
+                ax.set_title(f"layer {block}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"{kind} tokens\nexpert share")
+    fig.suptitle(
+        f"Expert load per layer and domain ({setting}, mean over {picture['seeds']} seed(s))"
+    )
+    fig.legend(loc="outside lower center", fontsize=8, ncols=min(experts, 6))
+    return _save(fig, Path(path))
+
+
+def plot_all(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Draw every figure the results support into ``out_dir``.
+
+    Args:
+        results: the study results.
+        out_dir: the study folder.
+
+    Returns:
+        ``{"scores": path, "loss_curves": path, "routing": path}`` (``routing`` only when a
+        MoLE setting recorded routing; ``mix_mole`` is preferred).
+    """
+    out = Path(out_dir)
+    paths = {
+        "scores": plot_scores(results, out / "scores.png"),
+        "loss_curves": plot_loss_curves(results, out / "loss_curves.png"),
+    }
+    candidates = [s for s, p in results["routing"].items() if p is not None]
+    if candidates:
+        setting = "mix_mole" if "mix_mole" in candidates else candidates[0]
+        paths["routing"] = plot_routing(results, out / "routing.png", setting)
+    return paths

@@ -1,0 +1,163 @@
+"""Study YAML validation and run planning (no training: the mixture's files are never read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_mole.study.compare import (
+    SETTINGS,
+    StudyConfigError,
+    load_study,
+    plan_runs,
+    write_single_mixtures,
+)
+
+from .conftest import write_study
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    """A model folder and a three-dataset, two-domain mixture (files need not exist here)."""
+    (tmp_path / "model").mkdir()
+    mixture = {
+        "seed": 3,
+        "max_length": 64,
+        "datasets": [
+            {"domain": "general", "train": "a/train.json", "test": "a/test.json"},
+            {"domain": "document", "name": "docs", "train": "b/train.json", "select": "random"},
+            {"domain": "general", "train": "c/train.json", "image_folder": "c/img", "take": 5},
+        ],
+    }
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mix.yaml").write_text(yaml.safe_dump(mixture), encoding="utf-8")
+    return {"model": Path("model"), "mixture": Path("data/mix.yaml"), "root": tmp_path}
+
+
+def study_file(world: dict[str, Path], **changes) -> Path:
+    return write_study(world["root"] / "study.yaml", world, **changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sedes": [0]}, "sedes: unknown key"),
+        ({"adapter": {"rnak": 2}}, "adapter.rnak: unknown key"),
+        ({"adapter": {"type": "mole"}}, "adapter.type: not allowed here"),
+        ({"adapter": {"rank": "two"}}, "adapter.rank: expected an integer"),
+        ({"adapter": {"rank": 0}}, "adapter.rank"),
+        (
+            {"train": {"learning_rate": "2e-3", "max_steps": 4}},
+            "train.learning_rate: expected a number",
+        ),
+        ({"train": {"seed": 1, "max_steps": 4}}, "train.seed: not allowed here"),
+        ({"train": {"learning_rate": 0.1}}, "train.max_steps: required"),
+        ({"seeds": [0, 0]}, "seeds: repeated seed"),
+        ({"seeds": "0"}, "seeds: expected a list"),
+        ({"settings": ["single", "mix_moel"]}, "settings\\[1\\]: unknown setting 'mix_moel'"),
+        ({"single_steps": "half"}, "single_steps: must be one of"),
+        ({"extra_settings": [{"name": "x", "base": "moe"}]}, "extra_settings\\[0\\].base"),
+        ({"extra_settings": [{"base": "mix_mole"}]}, "extra_settings\\[0\\].name: required"),
+        (
+            {"extra_settings": [{"name": "mix_lora", "base": "mix_mole"}]},
+            "extra_settings\\[0\\].name: 'mix_lora' is already a setting",
+        ),
+        (
+            {"extra_settings": [{"name": "k0", "base": "mix_mole", "adapter": {"num_experts": 0}}]},
+            "extra_settings\\[0\\].adapter.num_experts",
+        ),
+        (
+            {"extra_settings": [{"name": "k", "base": "mix_mole", "train": {"lr": 1.0}}]},
+            "extra_settings\\[0\\].train.lr: unknown key",
+        ),
+        ({"eval": {"limt": 3}}, "eval.limt: unknown key"),
+        ({"eval": {"limit": 0}}, "eval.limit: must be >= 1"),
+        ({"eval": {"split": "val"}}, "eval.split: must be one of"),
+        ({"convergence": {"tail": 0.9}}, "convergence.tail: must be in"),
+        ({"workers": 0}, "workers: must be >= 1"),
+        ({"model": "nowhere"}, "model: model directory not found"),
+        ({"mixture": "nowhere.yaml"}, "mixture: mixture file not found"),
+    ],
+)
+def test_study_yaml_errors_name_the_key(world, changes, message):
+    with pytest.raises(StudyConfigError, match=message):
+        load_study(study_file(world, **changes))
+
+
+def test_one_domain_mixture_is_refused(world):
+    one = {"datasets": [{"domain": "general", "train": "a.json"}]}
+    (world["root"] / "one.yaml").write_text(yaml.safe_dump(one), encoding="utf-8")
+    with pytest.raises(StudyConfigError, match="mixture: needs at least two domains"):
+        load_study(study_file(world, mixture="one.yaml"))
+
+
+def test_plan_expands_settings_seeds_and_domains(world, tmp_path):
+    study = load_study(
+        study_file(
+            world,
+            seeds=[0, 1],
+            train={"max_steps": 30, "per_device_batch_size": 4, "learning_rate": 1},
+            extra_settings=[
+                {"name": "mole_k4", "base": "mix_mole", "adapter": {"num_experts": 4}},
+                {"name": "kr_k4", "base": "mix_lora_rank_kr", "adapter": {"num_experts": 4}},
+                {
+                    "name": "r2",
+                    "base": "mix_lora",
+                    "adapter": {"rank": 2},
+                    "train": {"max_steps": 60},
+                },
+            ],
+        )
+    )
+    assert study.model == (world["root"] / "model").resolve()  # relative to the YAML's folder
+    assert study.settings == list(SETTINGS) and study.domains == ["general", "document"]
+    assert study.train["learning_rate"] == 1.0 and isinstance(study.train["learning_rate"], float)
+    runs = plan_runs(study, tmp_path / "out")
+    by_id = {r.id: r for r in runs}
+    assert len(runs) == 2 * (2 + 4 + 3)
+    single = by_id["single/document/seed1"]
+    assert single.steps == 15  # equal exposure: 30 steps / 2 domains
+    assert single.config.adapter.type == "lora" and single.config.train.seed == 1
+    assert single.run_dir == (tmp_path / "out" / "runs" / "single" / "document" / "seed1").resolve()
+    assert single.eval_mixture.name == "single-document.yaml"
+    assert single.config.train.report_to == ["none"]
+    mole = by_id["mix_mole/seed0"].config
+    assert (mole.adapter.type, mole.adapter.rank, mole.train.max_steps) == ("mole", 1, 30)
+    assert by_id["mix_lora_2x/seed0"].steps == 60
+    kr = by_id["mix_lora_rank_kr/seed0"].config.adapter
+    assert (kr.type, kr.rank, kr.alpha) == ("lora", 3, 6.0)  # K*r, alpha*K: alpha/rank unchanged
+    assert by_id["mole_k4/seed1"].config.adapter.num_experts == 4
+    assert by_id["kr_k4/seed0"].config.adapter.rank == 4
+    r2 = by_id["r2/seed0"]
+    assert (r2.config.adapter.rank, r2.steps, r2.base) == (2, 60, "mix_lora")
+    assert Path(by_id["mix_lora/seed0"].config.data.mixture) == study.mixture
+
+    same = load_study(study_file(world, single_steps="same_steps", settings=["single"]))
+    assert {r.steps for r in plan_runs(same, tmp_path / "o2")} == {4}
+
+
+def test_single_domain_mixtures_keep_the_selection(world, tmp_path):
+    study = load_study(study_file(world))
+    paths = write_single_mixtures(study, tmp_path / "out")
+    general = yaml.safe_load(paths["general"].read_text(encoding="utf-8"))
+    assert (general["seed"], general["max_length"]) == (3, 64)
+    data = (world["root"] / "data").resolve()
+    assert general["datasets"] == [
+        {
+            "domain": "general",
+            "train": str(data / "a/train.json"),
+            "test": str(data / "a/test.json"),
+            "name": "a/train.json",  # the default name, kept: it seeds `select: random`
+        },
+        {
+            "domain": "general",
+            "train": str(data / "c/train.json"),
+            "image_folder": str(data / "c/img"),
+            "take": 5,
+            "name": "c/train.json",
+        },
+    ]
+    document = yaml.safe_load(paths["document"].read_text(encoding="utf-8"))
+    assert [d["name"] for d in document["datasets"]] == ["docs"]
