@@ -13,6 +13,7 @@ from llava_mole.adapters import (
     AdapterError,
     LoRALinear,
     MoLEMLP,
+    count_trainable,
     enable_routing_stats,
     merge_lora,
     merge_mole,
@@ -288,3 +289,12 @@ def test_bad_configs_and_models_name_the_problem():
     apply_mole(model, MoLEConfig())
     with pytest.raises(AdapterError, match="already has an adapter"):
         apply_mole(model, MoLEConfig())
+
+
+def test_mlp_rank_gives_lora_the_parameter_count_of_mole():
+    mole = apply_mole(build_llama(), mole_cfg(num_experts=3, rank=2, alpha=4))
+    lora = apply_mole(build_llama(), mole_cfg(mode="lora", rank=2, alpha=4, mlp_rank=6))
+    routers = sum(p.numel() for n, p in mole.named_parameters() if "router" in n)
+    assert count_trainable(mole) - routers == count_trainable(lora)
+    up = lora.model.layers[0].mlp.up_proj
+    assert up.rank == 6 and up.scaling == pytest.approx(2.0)

@@ -127,9 +127,9 @@ def test_plan_expands_settings_seeds_and_domains(world, tmp_path):
     assert (mole.adapter.type, mole.adapter.rank, mole.train.max_steps) == ("mole", 1, 30)
     assert by_id["mix_lora_2x/seed0"].steps == 60
     kr = by_id["mix_lora_rank_kr/seed0"].config.adapter
-    assert (kr.type, kr.rank, kr.alpha) == ("lora", 3, 6.0)  # K*r, alpha*K: alpha/rank unchanged
+    assert (kr.type, kr.rank, kr.mlp_rank, kr.alpha) == ("lora", 1, 3, 2.0)  # MLP rank K*r
     assert by_id["mole_k4/seed1"].config.adapter.num_experts == 4
-    assert by_id["kr_k4/seed0"].config.adapter.rank == 4
+    assert by_id["kr_k4/seed0"].config.adapter.mlp_rank == 4
     r2 = by_id["r2/seed0"]
     assert (r2.config.adapter.rank, r2.steps, r2.base) == (2, 60, "mix_lora")
     assert Path(by_id["mix_lora/seed0"].config.data.mixture) == study.mixture

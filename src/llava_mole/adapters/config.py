@@ -30,6 +30,9 @@ class MoLEConfig:
         mode: ``"mole"`` (LoRA on attention, K LoRA experts + router per MLP block) or
             ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear).
         rank: LoRA rank ``r`` (per expert for MoLE).
+        mlp_rank: rank of the MLP adapters (per expert for MoLE) when it should differ from
+            ``rank``; their scale stays ``alpha / rank``. The study's rank-K*r control uses it to
+            give plain LoRA exactly MoLE's MLP parameter count.
         alpha: LoRA scaling numerator; deltas are scaled by ``alpha / rank``.
         dropout: dropout on the LoRA input.
         num_experts: experts per MLP block (``K``). ``1`` behaves exactly as plain LoRA.
@@ -54,6 +57,7 @@ class MoLEConfig:
 
     mode: AdapterMode = "mole"
     rank: int = 16
+    mlp_rank: int | None = None
     alpha: float = 32.0
     dropout: float = 0.05
     num_experts: int = 3
@@ -87,6 +91,12 @@ class MoLEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(name, "must be an integer >= 1")
+        if self.mlp_rank is not None and (
+            isinstance(self.mlp_rank, bool)
+            or not isinstance(self.mlp_rank, int)
+            or self.mlp_rank < 1
+        ):
+            bad("mlp_rank", "must be an integer >= 1 or null")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             bad("alpha", "must be a number")
         if self.alpha <= 0:
@@ -124,6 +134,11 @@ class MoLEConfig:
             bad("target_tree", "must be a dotted module path or null")
         if not isinstance(self.train_projector, bool):
             bad("train_projector", "must be true or false")
+
+    @property
+    def mlp_lora_rank(self) -> int:
+        """Rank of the MLP adapters."""
+        return self.mlp_rank or self.rank
 
     @property
     def scaling(self) -> float:

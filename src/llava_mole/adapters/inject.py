@@ -143,11 +143,10 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
         else:
             for target in config.mlp_targets:
                 if isinstance(getattr(mlp, target, None), nn.Linear):
-                    setattr(
-                        mlp,
-                        target,
-                        LoRALinear(getattr(mlp, target), config.rank, config.alpha, config.dropout),
-                    )
+                    rank = config.mlp_lora_rank
+                    alpha = config.scaling * rank  # the attention LoRA's scale, whatever the rank
+                    base = getattr(mlp, target)
+                    setattr(mlp, target, LoRALinear(base, rank, alpha, config.dropout))
 
     attn_wrapped = 0
     for name, module in list(tree.named_modules()):

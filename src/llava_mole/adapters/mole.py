@@ -54,7 +54,7 @@ class MoLEMLP(nn.Module):
             proj.requires_grad_(False)
         self.num_experts = config.num_experts
         self.top_k = config.top_k
-        self.rank = config.rank
+        self.rank = config.mlp_lora_rank
         self.scaling = config.scaling
         self.gate_weighting = config.gate_weighting
         self.normalize_top_k = config.normalize_top_k

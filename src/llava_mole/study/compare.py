@@ -14,7 +14,7 @@ Settings (names fixed)::
     mix_lora           plain LoRA on the whole mixture
     mix_mole           MoLE (K experts of rank r, top-1) on the mixture, same steps
     mix_lora_2x        plain LoRA on the mixture with twice the steps (twice the samples)
-    mix_lora_rank_kr   plain LoRA on the mixture at rank K*r, alpha*K (same alpha/rank)
+    mix_lora_rank_kr   plain LoRA on the mixture, MLP rank K*r (MoLE's MLP parameter count)
 
 See :func:`load_study` for the YAML schema.
 """
@@ -152,7 +152,7 @@ class ExtraSetting:
 
     The changes are applied to the study's shared sections first and the base setting's rule
     after, so ``{base: mix_lora_2x, train: {max_steps: 600}}`` trains 1200 steps and
-    ``{base: mix_lora_rank_kr, adapter: {num_experts: 4}}`` uses rank 4r.
+    ``{base: mix_lora_rank_kr, adapter: {num_experts: 4}}`` uses MLP rank 4r.
 
     Args:
         name: the setting's name in tables, plots and run folders.
@@ -566,9 +566,10 @@ def _sections(study: StudyConfig, setting: str) -> tuple[TrainConfig, bool]:
     elif base == "mix_lora_2x":
         train_keys["max_steps"] = 2 * train_keys["max_steps"]
     elif base == "mix_lora_rank_kr":
+        # Rank K*r on the MLP only: exactly MoLE's MLP parameter count (attention LoRA as in
+        # MoLE, scale alpha/r unchanged); MoLE keeps only its routers (d*K per block) extra.
         k = adapter.get("num_experts", defaults.num_experts)
-        adapter["rank"] = k * adapter.get("rank", defaults.rank)
-        adapter["alpha"] = k * adapter.get("alpha", defaults.alpha)  # alpha/rank unchanged
+        adapter["mlp_rank"] = k * adapter.get("rank", defaults.rank)
     adapter["type"] = "mole" if base == "mix_mole" else "lora"
     train_keys["report_to"] = ["none"]
     config = TrainConfig(

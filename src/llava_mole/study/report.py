@@ -47,7 +47,7 @@ RULES: tuple[str, ...] = (
     "MoLE is worse if `mix_lora - mix_mole > margin`. It beats the 2x control if "
     "`mix_mole - mix_lora_2x > margin`.",
     "**Rank-K·r control.** When MoLE beats mix_lora, the gain is explained by parameters if "
-    "`mix_lora_rank_kr >= mix_mole - margin` (same parameter budget without routing); otherwise "
+    "`mix_lora_rank_kr >= mix_mole - margin` (MoLE's MLP parameter count, no routing); otherwise "
     "routing adds something parameters alone do not.",
     "**Caveats.** With one seed there is no spread estimate (the margin is only the 0.01 "
     "floor); runs still improving at the end make every comparison suspect of undertraining; "

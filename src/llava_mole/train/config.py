@@ -73,6 +73,7 @@ class AdapterSection:
 
     type: Literal["lora", "mole"] = "mole"
     rank: int = 16
+    mlp_rank: int | None = None
     alpha: float = 32.0
     dropout: float = 0.05
     num_experts: int = 3
