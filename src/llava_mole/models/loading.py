@@ -63,10 +63,14 @@ def load_model_and_processor(
     try:
         if multimodal:
             model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-            processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-            processor = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+            processor = AutoTokenizer.from_pretrained(
+                str(path), trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path}: could not load the model or processor ({first})") from None
