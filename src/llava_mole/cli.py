@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="llava-mole-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per setting (default: %(default)s)")
     p.add_argument(
-        "--workers", type=int, default=1, help="parallel training processes (default: %(default)s)"
+        "--workers", type=int, default=2, help="parallel training processes (default: %(default)s)"
     )
     p.add_argument(
         "--quick", action="store_true", help="a much smaller study (smoke test; not conclusive)"
