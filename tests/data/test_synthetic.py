@@ -150,3 +150,14 @@ def test_captions_plain_and_code_free() -> None:
     assert seen == set(S.DATASET_NAMES)
     img, attrs = S.render("cells", 3, np.random.default_rng(1))
     assert "dense" in S.caption_for(attrs) and "large" in S.caption_for(attrs)
+
+
+def test_caption_examples_counts_and_class_space() -> None:
+    examples = list(S.caption_examples({"scenes": 6, "cells": 2}, seed=0, max_classes=24))
+    assert [name for _, _, name in examples].count("scenes") == 6
+    assert [name for _, _, name in examples].count("cells") == 2
+    assert all(name != "charts" for _, _, name in examples)
+    # Class space capped at 24: scenes only ever show the first three shapes.
+    shapes = set(S.SCENE_SHAPES[:3])
+    for _, caption, _ in S.caption_examples({"scenes": 40}, seed=1, max_classes=24):
+        assert any(shape in caption for shape in shapes), caption

@@ -66,7 +66,7 @@ def test_cache_is_reused(pretrained: tuple[Path, float], cache: Path, tmp_path: 
 
 
 def test_pretraining_is_deterministic() -> None:
-    cfg = pretrain.PretrainConfig(steps=3, batch_size=4, train_per_domain=4, heldout_per_domain=2)
+    cfg = pretrain.PretrainConfig(steps=3, batch_size=4, train_images=12, heldout_per_domain=2)
     states = []
     for _ in range(2):
         model, processor = tiny.build_tiny(seed=1)

@@ -75,8 +75,10 @@ SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 130, 10),
     "pink": (250, 110, 190),
 }
-# Ordered so that the first three (used with <= 24 classes) differ most in silhouette.
-SCENE_SHAPES: tuple[str, ...] = ("circle", "triangle", "cross", "square", "diamond", "ring")
+# Ordered by how coarsely they differ: drawn large, the first three differ even at the level
+# of whole 8-px patches (square: corners filled, triangle: top empty, circle: corners empty).
+# 24 classes use these three, <= 16 classes only square and triangle (the easiest pair).
+SCENE_SHAPES: tuple[str, ...] = ("square", "triangle", "circle", "cross", "diamond", "ring")
 
 CHART_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -282,16 +284,16 @@ def _render_scene(attrs: dict[str, Any], rng: np.random.Generator) -> Image.Imag
     background = _jitter(rng, (grey, grey, grey), 10)
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)
     draw = ImageDraw.Draw(canvas)
-    # Large and near the centre: with 8-px patches a shape then always covers the same
-    # patches, so its silhouette (not its position) is what the vision tower has to learn.
-    size = float(rng.uniform(18, 26))
+    # Large and near the centre: a shape then always covers the same 8-px patches, so its
+    # silhouette (not its position) is what the vision tower has to learn.
+    size = float(rng.uniform(23, 28))
     half = size / 2
-    cx, cy = (IMAGE_SIZE / 2 + rng.uniform(-2.0, 2.0, size=2)).tolist()
+    cx, cy = (IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)).tolist()
     x0, y0, x1, y1 = ((cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s)
     fill = _jitter(rng, SCENE_COLOURS[attrs["colour"]], 12)
     shape = attrs["shape"]
     if shape == "square":
-        inset = size * 0.08 * s  # squares look bigger than circles of the same box
+        inset = size * 0.04 * s  # squares look bigger than circles of the same box
         draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=fill)
     elif shape == "circle":
         draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -305,7 +307,7 @@ def _render_scene(attrs: dict[str, Any], rng: np.random.Generator) -> Image.Imag
         draw.polygon([(cx * s, y0), (x1, cy * s), (cx * s, y1), (x0, cy * s)], fill=fill)
     else:  # ring
         draw.ellipse((x0, y0, x1, y1), outline=fill, width=int(size * s / 5))
-    attrs["size"] = "small" if size < 21 else ("large" if size >= 24 else "medium")
+    attrs["size"] = "small" if size < 24.5 else ("large" if size >= 26.5 else "medium")
     attrs["background"] = "dark grey" if grey < 115 else ("light grey" if grey > 145 else "grey")
     return _finish(canvas, rng, noise=3.0)
 
@@ -428,25 +430,39 @@ def caption_for(attrs: Mapping[str, Any], rng: np.random.Generator | None = None
 
 
 def caption_examples(
-    n_per_domain: int, seed: int = 0, stream: int = 0
+    n_per_domain: int | Mapping[str, int],
+    seed: int = 0,
+    stream: int = 0,
+    max_classes: int | None = MAX_CLASSES,
 ) -> Iterator[tuple[Image.Image, str, str]]:
-    """Image/caption pairs over the full class space of every domain (for pretraining).
+    """Image/caption pairs from every domain (for pretraining).
 
     Uses random streams disjoint from :func:`make_data`, so these images are not the
     instruction-tuning images.
 
     Args:
-        n_per_domain: Pairs per domain.
+        n_per_domain: Pairs per domain, or a ``{dataset name: count}`` mapping.
         seed: World seed.
         stream: Independent sub-stream (e.g. 0 for training, 1 for held-out captions).
+        max_classes: Draw classes from the first ``max_classes`` of each domain (default: the
+            class space :func:`make_data` can use); ``None`` for every renderable class.
 
     Yields:
-        ``(image, caption, dataset_name)``, domains interleaved.
+        ``(image, caption, dataset_name)``, domains interleaved round-robin.
     """
+    if isinstance(n_per_domain, Mapping):
+        counts = [int(n_per_domain.get(spec.name, 0)) for spec in DATASETS]
+    else:
+        counts = [int(n_per_domain)] * len(DATASETS)
     rngs = [np.random.default_rng([seed, 104729, stream, k]) for k in range(len(DATASETS))]
-    for _ in range(n_per_domain):
-        for spec, rng in zip(DATASETS, rngs, strict=True):
-            image, attrs = render(spec.name, int(rng.integers(spec.max_classes)), rng)
+    for i in range(max(counts, default=0)):
+        for spec, rng, count in zip(DATASETS, rngs, counts, strict=True):
+            if i >= count:
+                continue
+            n_classes = (
+                spec.max_classes if max_classes is None else min(max_classes, spec.max_classes)
+            )
+            image, attrs = render(spec.name, int(rng.integers(n_classes)), rng)
             yield image, caption_for(attrs, rng), spec.name
 
 

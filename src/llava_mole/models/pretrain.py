@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +47,17 @@ class PretrainConfig:
         vision_lr_scale: Learning-rate multiplier of the vision tower and projector, which
             start from scratch and are the slowest part to learn.
         grad_clip: Max global gradient norm.
-        train_per_domain: Distinct training images per domain (at most what one pass over
+        train_images: Distinct training images over all domains (at most what one pass over
             ``steps * batch_size`` examples needs).
+        domain_weights: Share of training images per domain, in the order of
+            ``synthetic.DATASETS`` (scenes, charts, cells). Scenes get more: shape is the
+            slowest attribute to learn from captions, colours, bars and stains come fast.
+        say_word_share: Share of training examples that ask "Say the word W." for a code
+            word (see :func:`synthetic_caption_set`).
         heldout_per_domain: Held-out images per domain for the before/after loss.
     """
 
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -60,7 +65,9 @@ class PretrainConfig:
     weight_decay: float = 0.01
     vision_lr_scale: float = 1.0
     grad_clip: float = 1.0
-    train_per_domain: int = 3000
+    train_images: int = 9000
+    domain_weights: tuple[float, ...] = (2.0, 1.0, 1.0)
+    say_word_share: float = 0.25
     heldout_per_domain: int = 32
 
 
@@ -154,7 +161,7 @@ def encode_captions(
 
 def synthetic_caption_set(
     processor: LlavaProcessor,
-    n_per_domain: int,
+    n_per_domain: int | Mapping[str, int],
     seed: int = 0,
     stream: int = 0,
     say_word_share: float = 0.0,
@@ -163,7 +170,7 @@ def synthetic_caption_set(
 
     Args:
         processor: The tiny model's processor.
-        n_per_domain: Examples per domain.
+        n_per_domain: Examples per domain, or a ``{dataset name: count}`` mapping.
         seed: World seed.
         stream: Sub-stream; use different streams for training and held-out sets.
         say_word_share: Share of examples that ask "Say the word W." for a word W of the
@@ -261,6 +268,14 @@ def caption_loss(
     return total / max(count, 1)
 
 
+def _train_counts(cfg: PretrainConfig) -> dict[str, int]:
+    """Training images per domain: weighted, and no more than one pass needs."""
+    total = min(cfg.train_images, cfg.steps * cfg.batch_size)
+    weights = dict(zip(synthetic.DATASET_NAMES, cfg.domain_weights, strict=True))
+    norm = sum(weights.values())
+    return {name: max(1, math.ceil(total * w / norm)) for name, w in weights.items()}
+
+
 def _param_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict]:
     """AdamW groups: no decay on norms/biases; vision side (tower, projector) lr-scaled."""
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
@@ -310,10 +325,8 @@ def pretrain_captions(
     start = time.perf_counter()
     torch.manual_seed(seed)
     pad = processor.tokenizer.pad_token_id
-    # No more images than one pass needs (short test runs stay fast).
-    n_train = min(cfg.train_per_domain, math.ceil(cfg.steps * cfg.batch_size / 3))
     train = synthetic_caption_set(
-        processor, max(n_train, 1), seed=seed, stream=0, say_word_share=0.25
+        processor, _train_counts(cfg), seed=seed, stream=0, say_word_share=cfg.say_word_share
     )
     heldout = synthetic_caption_set(processor, cfg.heldout_per_domain, seed=seed, stream=1)
     loss_init = caption_loss(model, heldout, pad)

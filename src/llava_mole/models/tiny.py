@@ -54,7 +54,7 @@ __all__ = [
 
 #: Bump whenever anything that changes the built files changes (invalidates the cache).
 BUILD_SPEC_VERSION = "tiny-llava-v3"
-DEFAULT_PRETRAIN_STEPS = 800
+DEFAULT_PRETRAIN_STEPS = 1200
 MARKER_FILE = "tiny_world.json"
 
 IMAGE_TOKEN = "<image>"
