@@ -40,7 +40,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_save_tensors(
@@ -58,10 +58,11 @@ def atomic_save_tensors(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (a rename) to disk; best effort where unsupported."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -51,7 +51,7 @@ from ..train.config import (
     TrainConfig,
     TrainSection,
 )
-from ..train.run import train
+from ..train.run import RESUME_FREE_KEYS, train
 
 __all__ = [
     "SETTINGS",
@@ -95,19 +95,7 @@ _STUDY_OWNED = {
 }
 # Keys that may differ between the run already on disk and the study's plan without making
 # the stored result stale (they change logging or speed, not the trained adapter).
-_CHANGE_FREE = {
-    "output_dir",
-    "train.resume",
-    "train.stop_after_steps",
-    "train.logging_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.num_workers",
-    "train.report_to",
-    "train.collapse_threshold",
-    "train.collapse_window",
-    "adapter.dispatch",
-}
+_CHANGE_FREE = RESUME_FREE_KEYS | {"output_dir"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

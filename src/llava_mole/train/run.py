@@ -41,18 +41,20 @@ logger = logging.getLogger("llava_mole.train")
 RUN_CONFIG = "run_config.yaml"
 SUMMARY = "summary.json"
 # Settings that may change between an interrupted run and its resumption.
-_RESUME_FREE = {
-    "train.resume",
-    "train.stop_after_steps",
-    "train.logging_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.num_workers",
-    "train.report_to",
-    "train.collapse_threshold",
-    "train.collapse_window",
-    "adapter.dispatch",
-}
+RESUME_FREE_KEYS = frozenset(
+    {
+        "train.resume",
+        "train.stop_after_steps",
+        "train.logging_steps",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.num_workers",
+        "train.report_to",
+        "train.collapse_threshold",
+        "train.collapse_window",
+        "adapter.dispatch",
+    }
+)
 
 
 @dataclass
@@ -97,7 +99,7 @@ def _check_output_dir(config: TrainConfig) -> Path | None:
         before = _flatten(yaml.safe_load(saved.read_text()) or {})
         now = _flatten(config.to_dict())
         for key in sorted(set(before) | set(now)):
-            if key in _RESUME_FREE:
+            if key in RESUME_FREE_KEYS:
                 continue
             if before.get(key) != now.get(key):
                 raise ConfigError(

@@ -31,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
-from ..adapters.io import load_adapter, save_adapter
+from ..adapters.io import fsync_dir, load_adapter, save_adapter
 from ..adapters.state import get_state, mole_aux_loss, set_token_tags
 from ..data.templates import IGNORE_INDEX
 
@@ -260,7 +260,7 @@ class MoLETrainer(Trainer):
             if final.exists():
                 shutil.rmtree(final)
             os.replace(temp, final)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             _rotate_checkpoints(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
@@ -309,25 +309,12 @@ def _save_from_state_dict(model: torch.nn.Module, state_dict: dict, output_dir: 
     save_adapter(model, output_dir)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _checkpoint_step(path: Path) -> int | None:
