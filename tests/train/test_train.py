@@ -154,3 +154,24 @@ def test_activation_checkpointing_gives_same_losses(tiny_world, tmp_path):
     b = load_file(str(ckpt.output_dir / "adapter_model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_bf16_mixed_precision_keeps_routers_float32(tiny_world, tmp_path, monkeypatch):
+    from llava_mole.adapters import mole as mole_module
+
+    seen = []
+    original = mole_module.MoLEMLP.route
+
+    def spy(self, flat):
+        logits, routing = original(self, flat)
+        seen.append((logits.dtype, routing.probs.dtype, self.router.weight.dtype))
+        return logits, routing
+
+    monkeypatch.setattr(mole_module.MoLEMLP, "route", spy)
+    result = train(
+        load_train_config(
+            None, base_overrides(tiny_world, tmp_path / "bf16", max_steps=2, precision="bf16")
+        )
+    )
+    assert result.completed and all(v == v for v in [result.summary["final"]["loss"]])
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
