@@ -102,7 +102,9 @@ class ExpertGrouping:
         order = torch.argsort(experts, stable=True)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        counts = torch.bincount(experts, minlength=num_experts)
+        # scatter_add, not bincount: bincount on CUDA reads the max index on the host.
+        counts = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
+        counts.scatter_add_(0, experts, torch.ones_like(experts))
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         return cls(order=order, inverse=inverse, counts=counts, offsets=offsets)
 

@@ -265,7 +265,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - started
     tokens = trainer.accelerator.reduce(
-        torch.tensor(float(trainer.tokens_seen), device=args.device), "sum"
+        torch.as_tensor(trainer.tokens_seen, dtype=torch.float32, device=args.device), "sum"
     ).item()
     completed = not stopper.stopped
     summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, checkpoint)

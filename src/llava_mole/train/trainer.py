@@ -129,11 +129,10 @@ class MoLETrainer(Trainer):
             self._accumulate("lm_sum", lm_sum)
             self._accumulate("lm_count", local_count)
             self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
-            self.tokens_seen += (
-                int(inputs["attention_mask"].sum())
-                if "attention_mask" in inputs
-                else int(labels.numel())
-            )
+            # Kept on the device: int() here would synchronise host and device every step.
+            mask = inputs.get("attention_mask")
+            tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
+            self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
             state = get_state(model)
             if state is not None and state.loads:
                 balance = state.balance_loss()
