@@ -746,6 +746,7 @@ def time_group(
             "foreign_load": load if device.type == "cpu" else None,
             "foreign_load_max": max(loads, default=None) if device.type == "cpu" else None,
             "threads": torch.get_num_threads(),
+            "cpus": _usable_cpus(),
             "param_grad_mb": sum(p.numel() * p.element_size() for p in steps[name].params) / 2**20
             if mode == "train" and name in steps
             else None,
@@ -814,6 +815,30 @@ def _group_line(group: list[dict[str, Any]], seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Goals and reporting
 # ---------------------------------------------------------------------------------------------
+DISTURBED_MARGIN = 0.25  # cores of other load, beyond the cores a run leaves free
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def disturbed(rec: dict[str, Any]) -> bool:
+    """A CPU row timed while other processes competed for this run's cores.
+
+    Other load up to the cores the run leaves free (``cpus - threads``) does not compete; above
+    that by more than :data:`DISTURBED_MARGIN`, threads were descheduled while timed.
+    """
+    load = rec.get("foreign_load")
+    if load is None:
+        return False
+    threads = rec.get("threads") or 1
+    free = max((rec.get("cpus") or threads) - threads, 0)
+    return load > free + DISTURBED_MARGIN
+
+
 def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The performance targets (not asserts): PASS / FAIL / SKIP with the worst case."""
 
@@ -829,7 +854,7 @@ def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and (tokens is None or r["tokens"] == tokens)
         ]
 
-    def goal(name, rows, key, limit):
+    def goal(name, rows, key, limit, timing=True):
         rows = [r for r in rows if r.get(key) is not None]
         if not rows:
             return {"goal": name, "status": "SKIP", "detail": "no rows measured"}
@@ -840,9 +865,9 @@ def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"worst {worst[key]:.3f}x (limit {limit}x) at {worst['mode']} n={worst['tokens']} "
             f"K={worst['num_experts']} r={worst['rank']}; {failing}/{len(rows)} over the limit"
         )
-        disturbed = sum((r.get("foreign_load") or 0) > 0.25 for r in rows)
-        if disturbed:
-            detail += f"; {disturbed} rows timed under other load > 0.25 cores (unreliable)"
+        noisy = sum(disturbed(r) for r in rows) if timing else 0
+        if noisy:
+            detail += f"; {noisy} of these rows were timed on a busy machine (unreliable)"
         return {"goal": name, "status": status, "detail": detail}
 
     goals = [
@@ -882,7 +907,13 @@ def evaluate_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 rows.append({**r, "mem_ratio": r["peak_mem_mb"] / ref})
         label = "CPU" if device == "cpu" else "GPU"
         goals.append(
-            goal(f"{label} train memory: MoLE peak <= 1.05x LoRA peak", rows, "mem_ratio", 1.05)
+            goal(
+                f"{label} train memory: MoLE peak <= 1.05x LoRA peak",
+                rows,
+                "mem_ratio",
+                1.05,
+                timing=False,
+            )
         )
     return goals
 
@@ -903,7 +934,8 @@ def markdown_tables(records: list[dict[str, Any]], correctness: list[dict[str, A
         "Times are medians; every variant column is **time / plain-LoRA time** of the same row "
         "(lower is better); `base` is the frozen block alone. `auto` is the path "
         '`dispatch="auto"` picked. `other load`: cores kept busy by other processes while the '
-        "row was timed (CPU rows are only trustworthy near 0).",
+        "row was timed; a CPU row is unreliable when it exceeds the cores the run left free "
+        "(CPUs - threads) by more than 0.25.",
         "",
         "| device | mode | tokens | K | r | other load | base ms | LoRA ms | base | auto | "
         + " | ".join(shown)
@@ -984,6 +1016,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
+        "usable_cpus": _usable_cpus(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -1047,7 +1080,7 @@ def results_section(meta: dict[str, Any], tables: str, goals: list[dict[str, Any
         f"## {meta['date']}: {device} run{' (quick)' if meta['quick'] else ''}",
         "",
         f"- **Device: {device}** ({what}); CPU {m['cpu']} ({m['logical_cpus']} logical CPUs), "
-        f"torch {m['torch']}, {m['threads']} threads",
+        f"torch {m['torch']}, threads: {m['threads']}",
         f"- commit: `{meta['commit']}`",
         f"- command: `{meta['command']}`",
         f"- sizes: d_model={p['d_model']}, d_ff={p['d_ff']}, {p['dtype']}, train tokens "
@@ -1058,18 +1091,19 @@ def results_section(meta: dict[str, Any], tables: str, goals: list[dict[str, Any
         f"- load average at start: {meta.get('loadavg', 'n/a')}; total run time "
         f"{meta['elapsed_s']} s",
     ]
-    noisy = sorted(
-        {
-            (r["mode"], r["tokens"], r["num_experts"], r["rank"], r["foreign_load"])
-            for r in meta.get("records", [])
-            if (r.get("foreign_load") or 0) > 0.25
-        }
-    )
+    noisy = {
+        (r["mode"], r["tokens"], r["num_experts"], r["rank"])
+        for r in meta.get("records", [])
+        if disturbed(r)
+    }
     if noisy:
         lines.append(
-            f"- **warning**: {len(noisy)} rows were timed while other processes kept more than "
-            "0.25 cores busy (column `other load`); their ratios are less reliable"
+            f"- **warning**: {len(noisy)} rows were timed while other processes used more than "
+            f"the {m.get('usable_cpus', m['logical_cpus'])} - {m['threads']} cores this run left free "
+            f"(+{DISTURBED_MARGIN}, column `other load`); their ratios are unreliable"
         )
+    if meta.get("rendered"):
+        lines.append(f"- {meta['rendered']}")
     lines += [
         "",
         tables,
@@ -1107,7 +1141,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="measure nothing: print (and append unless --no-append) the section of a JSON "
+        "written by --json, e.g. one measured on another machine",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        payload = json.loads(args.render.read_text())
+        cpus = payload["meta"]["machine"].get(
+            "usable_cpus", payload["meta"]["machine"].get("logical_cpus")
+        )
+        for rec in payload["records"]:
+            rec.setdefault("cpus", cpus)
+        payload["meta"]["rendered"] = (
+            f"section rendered from the run's JSON by `python benchmarks/bench_mole.py --render "
+            f"{args.render.name}` (commit {_git_commit()})"
+        )
+        payload["goals"] = evaluate_goals(payload["records"])
+        report(payload, None, args.results, not args.no_append)
+        return 0
 
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
@@ -1165,22 +1220,28 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "loadavg": load_at_start,
     }
-    tables = markdown_tables(records, correctness)
+    payload = {"meta": meta, "records": records, "correctness": correctness, "goals": goals}
+    report(payload, args.json, args.results, not args.no_append)
+    return 0
+
+
+def report(payload: dict[str, Any], json_out: Path | None, results: Path, append: bool) -> None:
+    """Print the tables and goals; write the JSON; append the section to ``results``."""
+    meta, records, goals = payload["meta"], payload["records"], payload["goals"]
+    tables = markdown_tables(records, payload["correctness"])
     print()
     print(tables)
     print()
     for g in goals:
         print(f"{g['status']}: {g['goal']} -- {g['detail']}")
-    print(f"total {elapsed:.1f}s")
-    if args.json:
-        payload = {"meta": meta, "records": records, "correctness": correctness, "goals": goals}
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
-    if not args.no_append:
-        with args.results.open("a") as fh:
+    print(f"total {meta['elapsed_s']}s")
+    if json_out:
+        json_out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {json_out}")
+    if append:
+        with results.open("a") as fh:
             fh.write("\n" + results_section({**meta, "records": records}, tables, goals))
-        print(f"appended a section to {args.results}")
-    return 0
+        print(f"appended a section to {results}")
 
 
 if __name__ == "__main__":

@@ -219,9 +219,11 @@ def dense_lora_delta(
 def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, top_k: int) -> str:
     """Pick a dispatch path.
 
-    ``auto``: ``dense`` when ``top_k > 1`` or there are few tokens per expert (generation) or the
-    dense shrink over ``K * r`` columns is cheap next to the base GEMMs; otherwise ``grouped_mm``
-    on CUDA and ``loop`` on CPU.
+    ``auto``: ``dense`` for ``top_k > 1``. On CUDA: ``dense`` for few tokens per expert
+    (generation: no per-expert launches), ``grouped_mm`` for bf16, else ``dense`` while ``K * r``
+    is small and ``loop`` beyond. On CPU: ``loop`` at every token count, since dense reads every
+    expert's weights and measured slower from ``K * r >= 64`` (up to 2.3x LoRA at one token,
+    K=8, r=128) while never more than ~3% faster (benchmarks/RESULTS.md, CPU section).
     """
     if requested != "auto":
         if requested == "grouped_mm" and not _HAS_GROUPED_MM:
@@ -229,12 +231,12 @@ def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, to
         if requested in ("loop", "grouped_mm") and top_k > 1:
             return "dense"
         return requested
-    n = x.shape[0]
-    if top_k > 1 or n <= 32 * num_experts:
+    if top_k > 1:
         return "dense"
-    if x.is_cuda and _HAS_GROUPED_MM and x.dtype == torch.bfloat16:
+    if not x.is_cuda:
+        return "loop"
+    if x.shape[0] <= 32 * num_experts:
+        return "dense"
+    if _HAS_GROUPED_MM and x.dtype == torch.bfloat16:
         return "grouped_mm"
-    # Dense costs K x LoRA's adapter FLOPs but no permutation; it wins while K*r is small.
-    if num_experts * rank <= 64:
-        return "dense"
-    return "loop"
+    return "dense" if num_experts * rank <= 64 else "loop"
