@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from llava_mole.adapters.config import MoLEConfig
-from llava_mole.adapters.dispatch import ExpertGrouping, permute_rows, route
+from llava_mole.adapters.dispatch import (
+    _HAS_GROUPED_MM,
+    ExpertGrouping,
+    choose_path,
+    permute_rows,
+    route,
+    router_logits,
+)
 from llava_mole.adapters.mole import MoLEMLP
 from llava_mole.adapters.state import MoLEState
 
@@ -178,3 +185,71 @@ def test_router_weight_is_raw_max_probability():
     assert torch.allclose(routing.weights[:, 0], probs.max(-1).values)
     assert (routing.weights < 1).all()
     assert torch.equal(route(logits, gate_weighting="none").weights, torch.ones(2, 1))
+
+
+def test_router_logits_match_float32_linear_and_keep_no_float32_copy():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 32, requires_grad=True)
+    probe = torch.randn(64, 4)
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = router_logits(x, weight)
+    assert logits.dtype == torch.float32
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    (logits * probe).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref.float(), w_ref)
+    (ref * probe).sum().backward()
+    assert torch.equal(logits, ref)
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.allclose(x.grad.float(), x_ref.grad.float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(weight.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_state_records_no_loss_terms_without_grad_but_keeps_them_for_training():
+    block = make_block(dispatch="dense")
+    x = torch.randn(10, 24)
+    with torch.no_grad():
+        block(x)
+    assert block.state.balance == [] and block.state.loads == []
+    block(x)
+    assert len(block.state.balance) == 1 and len(block.state.loads) == 1
+
+
+class _FakeCuda:
+    """Enough of a tensor for choose_path: a CUDA input of some shape and dtype."""
+
+    is_cuda = True
+
+    def __init__(self, tokens: int, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.shape = (tokens, 4096)
+        self.dtype = dtype
+
+
+@pytest.mark.parametrize(
+    ("x", "k", "r", "top_k", "expected"),
+    [
+        (torch.zeros(5, 8), 8, 128, 1, "loop"),  # CPU: the loop at every size
+        (torch.zeros(50000, 8), 2, 16, 1, "loop"),
+        (torch.zeros(5, 8), 4, 16, 2, "dense"),  # top-2 always dense
+        (_FakeCuda(64), 8, 128, 1, "dense"),  # generation on GPU
+        (_FakeCuda(16384), 8, 16, 1, "dense"),  # K*r = 128
+        (_FakeCuda(16384), 2, 128, 1, "dense"),  # K*r = 256
+        (_FakeCuda(16384), 4, 128, 1, "grouped_mm"),  # K*r = 512
+        (_FakeCuda(16384, torch.float32), 8, 128, 1, "loop"),
+    ],
+)
+def test_auto_dispatch_follows_the_measured_rules(x, k, r, top_k, expected):
+    if expected == "grouped_mm" and not _HAS_GROUPED_MM:
+        expected = "loop"
+    assert choose_path("auto", x, k, r, top_k) == expected
+
+
+def test_explicit_dispatch_is_kept_except_sorted_paths_for_top2():
+    x = torch.zeros(3, 8)
+    assert choose_path("dense", x, 4, 8, 1) == "dense"
+    assert choose_path("loop", x, 4, 8, 2) == "dense"

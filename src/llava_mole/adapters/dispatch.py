@@ -30,6 +30,38 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return fn(a, b, offs=offs)
 
 
+class _RouterLogits(torch.autograd.Function):
+    """``x @ W.T`` in float32 that keeps ``x`` (not a float32 copy of it) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t() @ x.float()  # the float32 copy lives only during this product
+        return grad_x, grad_w
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Float32 router logits ``(N, K)`` of ``(N, d)`` tokens in any dtype.
+
+    Same numbers as ``F.linear(x.float(), weight)``, but for a bf16/fp16 ``x`` autograd keeps
+    ``x`` itself, which the block's projections keep anyway, instead of a float32 copy: at
+    16384 tokens of width 4096 that copy was 256 MiB per block (H200 benchmark, ``saved``
+    column), the whole of MoLE's activation-memory excess over LoRA in the dense path.
+    """
+    if x.dtype == torch.float32 or not (x.requires_grad or weight.requires_grad):
+        return F.linear(x.float(), weight)
+    return _RouterLogits.apply(x, weight)
+
+
 @dataclass
 class Routing:
     """Router decision for ``N`` tokens.
@@ -197,33 +229,37 @@ def sorted_lora_delta(
 
 
 def dense_lora_delta(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dense_weights: torch.Tensor, scaling: float
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor
 ) -> torch.Tensor:
     """Expert LoRA delta computed for all experts at once and masked by the routing weights.
 
-    ``sum_k w_k * scaling * B_k A_k x`` with ``w`` zero for unchosen experts; one GEMM over
+    ``sum_k gate_k * B_k A_k x`` with ``gate`` zero for unchosen experts; one GEMM over
     ``K * r`` columns to shrink and one to expand.
 
     Args:
         x: ``(N, in)``; a: ``(K, r, in)``; b: ``(K, out, r)``.
-        dense_weights: ``(N, K)`` routing weights (see :meth:`Routing.dense_weights`).
-        scaling: ``alpha / r``.
+        gate: ``(N, K)`` routing weights times the LoRA scaling, in the adapter dtype (computed
+            once per block and shared by its projections; see :meth:`Routing.dense_weights`).
     """
     k, r, _ = a.shape
     h = F.linear(x.to(a.dtype), a.reshape(k * r, -1)).view(-1, k, r)
-    h = h * (dense_weights.to(h.dtype) * scaling).unsqueeze(-1)
+    h = h * gate.unsqueeze(-1)
     b_cat = b.permute(1, 0, 2).reshape(b.shape[1], k * r)
-    return F.linear(h.reshape(-1, k * r), b_cat).to(x.dtype)
+    return F.linear(h.view(-1, k * r), b_cat).to(x.dtype)
 
 
 def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, top_k: int) -> str:
     """Pick a dispatch path.
 
-    ``auto``: ``dense`` for ``top_k > 1``. On CUDA: ``dense`` for few tokens per expert
-    (generation: no per-expert launches), ``grouped_mm`` for bf16, else ``dense`` while ``K * r``
-    is small and ``loop`` beyond. On CPU: ``loop`` at every token count, since dense reads every
-    expert's weights and measured slower from ``K * r >= 64`` (up to 2.3x LoRA at one token,
-    K=8, r=128) while never more than ~3% faster (benchmarks/RESULTS.md, CPU section).
+    ``auto``: ``dense`` for ``top_k > 1``. On CPU: ``loop`` at every token count, since dense
+    reads every expert's weights and measured slower from ``K * r >= 64`` (up to 2.3x LoRA at one
+    token, K=8, r=128) while never more than ~3% faster (benchmarks/RESULTS.md, CPU section).
+    On CUDA (H200, bf16, one LLaMA-7B MLP block; benchmarks/RESULTS.md, GPU section): ``dense``
+    for few tokens per expert (generation: 2.1-2.4x LoRA against 3.2-3.6x for ``grouped_mm``
+    and 4-8x for ``loop``, all launch-bound) and for ``K * r <= 256`` (training at 16384 tokens:
+    1.10-1.15x LoRA against 1.20-1.23x); ``grouped_mm`` beyond (1.19-1.20x against 1.26-1.45x
+    dense at ``K * r`` of 512 and 1024) for bf16, ``loop`` for other dtypes (``grouped_mm`` takes
+    bf16 only on CUDA).
     """
     if requested != "auto":
         if requested == "grouped_mm" and not _HAS_GROUPED_MM:
@@ -235,8 +271,6 @@ def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, to
         return "dense"
     if not x.is_cuda:
         return "loop"
-    if x.shape[0] <= 32 * num_experts:
+    if x.shape[0] <= 32 * num_experts or num_experts * rank <= 256:
         return "dense"
-    if _HAS_GROUPED_MM and x.dtype == torch.bfloat16:
-        return "grouped_mm"
-    return "dense" if num_experts * rank <= 64 else "loop"
+    return "grouped_mm" if _HAS_GROUPED_MM and x.dtype == torch.bfloat16 else "loop"

@@ -23,6 +23,7 @@ from .dispatch import (
     dense_lora_delta,
     permute_rows,
     route,
+    router_logits,
     sorted_lora_delta,
 )
 from .lora import init_lora_pair, lora_delta
@@ -95,7 +96,10 @@ class MoLEMLP(nn.Module):
     def route(self, flat: torch.Tensor):
         """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
-            logits = self.router(flat.float())
+            if isinstance(self.router, nn.Linear):
+                logits = router_logits(flat, self.router.weight)
+            else:  # a user-supplied router module
+                logits = self.router(flat.float()).float()
         return logits, route(logits, self.top_k, self.gate_weighting, self.normalize_top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,11 +130,15 @@ class MoLEMLP(nn.Module):
         return proj("down_proj", h)
 
     def _forward_dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # Scale and cast the gate once for the three projections (fewer small kernels: at
+        # generation sizes on GPU the block's time is mostly kernel launches).
+        dtype = next(iter(self.lora_A.values())).dtype
+        gate = (weights * self.scaling).to(dtype)
+
         def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
             y = getattr(self, name)(h)
             if name in self.lora_A:
-                a, b = self.lora_A[name], self.lora_B[name]
-                y = y + dense_lora_delta(h_drop, a, b, weights, self.scaling)
+                y = y + dense_lora_delta(h_drop, self.lora_A[name], self.lora_B[name], gate)
             return y
 
         x_drop = self.dropout(x)

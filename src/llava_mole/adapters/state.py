@@ -78,6 +78,10 @@ class MoLEState:
             routing: the block's :class:`Routing`.
             batch_shape: leading shape of the block input, ``(B, T)`` or ``(N,)``.
         """
+        if not torch.is_grad_enabled() and not self.collect_stats:
+            # Inference (generate, evaluation): nothing reads the loss terms, and computing
+            # them would launch a dozen small kernels per block per decoding step.
+            return
         k = routing.probs.shape[-1]
         batch, seq = (
             (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, logits.shape[0])
