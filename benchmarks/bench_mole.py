@@ -5,7 +5,8 @@ One run measures, side by side and interleaved, for every (number of experts K, 
 * ``base``: the frozen SwiGLU block alone;
 * ``lora``: this package's plain LoRA (:class:`LoRALinear` on gate, up and down);
 * ``mole``: this package's :class:`MoLEMLP` with ``dispatch="auto"``, and each explicit path as
-  ``mole_loop``, ``mole_dense``, ``mole_grouped_mm``;
+  ``mole_loop``, ``mole_dense``, ``mole_grouped_mm``, ``mole_triton`` (the fused inference
+  kernels: generation rows on CUDA only; elsewhere the row says why it was not run);
 * peer strategies written here with the same routing semantics (top-1, raw router probability
   as the gate on the LoRA deltas): ``peer_index_loop`` (per-expert ``nonzero`` + ``index_add``),
   ``peer_sorted_split`` (``argsort`` + split by host counts + per-expert matmul + un-sort by
@@ -50,7 +51,7 @@ from llava_mole.adapters.mole import MoLEMLP
 
 HERE = Path(__file__).resolve().parent
 PROJS = ("gate_proj", "up_proj", "down_proj")
-MOLE_PATHS = ("loop", "dense", "grouped_mm")
+MOLE_PATHS = ("loop", "dense", "grouped_mm", "triton")
 PEERS = ("index_loop", "sorted_split", "dense_masked")
 VARIANTS = (
     "base",
@@ -372,6 +373,9 @@ def check_correctness(
             "path": _auto_path(module, x) if name == "mole" else None,
             "error": None,
         }
+        if name in FORWARD_ONLY:
+            rows.append(_check_forward_only(row, module, kinds[name], base, x, dy, device))
+            continue
         try:
             xg = x.clone().requires_grad_(True)
             params = {n: p for n, p in module.named_parameters() if p.requires_grad}
@@ -389,6 +393,38 @@ def check_correctness(
             row.update(out_err=None, grad_x_err=None, grad_param_err=None, error=repr(exc))
         rows.append(row)
     return rows
+
+
+FORWARD_ONLY = ("mole_triton",)  # inference kernels: generation rows only, CUDA only
+
+
+def _not_run_reason(name: str, mode: str, device: torch.device) -> str | None:
+    if name not in FORWARD_ONLY:
+        return None
+    if device.type != "cuda":
+        return "not run: the Triton kernels are timed on CUDA only"
+    if mode == "train":
+        return "not run: forward-only kernels (training uses the autograd paths)"
+    return None
+
+
+def _check_forward_only(row, module, kind, base, x, dy, device) -> dict[str, Any]:
+    reason = _not_run_reason(row["variant"], "generate", device)
+    if reason:
+        return {**row, "out_err": None, "grad_x_err": None, "grad_param_err": None, "error": reason}
+    try:
+        with torch.no_grad():
+            y = module(x)
+        ref_y, _, _ = _reference(kind, module, base, x, dy)
+        return {**row, "out_err": rel_err(y, ref_y), "grad_x_err": None, "grad_param_err": None}
+    except Exception as exc:  # report, do not hide
+        return {
+            **row,
+            "out_err": None,
+            "grad_x_err": None,
+            "grad_param_err": None,
+            "error": repr(exc),
+        }
 
 
 def _auto_path(module: nn.Module, x: torch.Tensor) -> str | None:
@@ -700,6 +736,10 @@ def time_group(
     steps: dict[str, Step] = {}
     errors: dict[str, str] = {}
     for name, module in modules.items():
+        reason = _not_run_reason(name, mode, device)
+        if reason:
+            errors[name] = reason
+            continue
         step = Step(module, x, dy, mode)
         try:
             step()  # first call: also proves the variant runs here

@@ -47,6 +47,9 @@ def test_every_variant_matches_float64(bench, tokens, num_experts, rank, auto_pa
     )
     assert [r["variant"] for r in rows] == list(bench.VARIANTS)
     for row in rows:
+        if row["variant"] in bench.FORWARD_ONLY:  # CUDA-only kernels: a stated reason, no numbers
+            assert row["error"].startswith("not run:") and row["out_err"] is None, row
+            continue
         assert row["error"] is None, row
         assert row["out_err"] <= TOL, row
         assert row["grad_x_err"] <= TOL, row

@@ -15,7 +15,7 @@ from typing import Any, Literal
 AdapterMode = Literal["mole", "lora"]
 GateWeighting = Literal["prob", "none"]
 BalanceLoss = Literal["switch", "official"]
-Dispatch = Literal["auto", "loop", "grouped_mm", "dense"]
+Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
 
 # Fields that change how the adapter computes but not which tensors it holds or what they mean;
 # a saved adapter may be loaded under different values of these.
@@ -122,8 +122,8 @@ class MoLEConfig:
             bad("balance_loss", "must be 'switch' or 'official'")
         if self.gate_weighting == "none" and self.balance_coef == 0 and self.num_experts > 1:
             bad("balance_coef", "must be > 0 with gate_weighting='none' (the router's only signal)")
-        if self.dispatch not in ("auto", "loop", "grouped_mm", "dense"):
-            bad("dispatch", "must be one of 'auto', 'loop', 'grouped_mm', 'dense'")
+        if self.dispatch not in ("auto", "loop", "grouped_mm", "dense", "triton"):
+            bad("dispatch", "must be one of 'auto', 'loop', 'grouped_mm', 'dense', 'triton'")
         for name in ("attn_targets", "mlp_targets"):
             value = getattr(self, name)
             if not all(isinstance(v, str) and v for v in value):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kernels import triton_usable
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
@@ -251,6 +253,8 @@ def dense_lora_delta(
 def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, top_k: int) -> str:
     """Pick a dispatch path.
 
+    ``triton`` (opt-in): the fused kernels of :mod:`.kernels` for top-1 forwards without
+    gradient on CUDA (or under Triton's interpreter); anything else falls back to ``auto``.
     ``auto``: ``dense`` for ``top_k > 1``. On CPU: ``loop`` at every token count, since dense
     reads every expert's weights and measured slower from ``K * r >= 64`` (up to 2.3x LoRA at one
     token, K=8, r=128) while never more than ~3% faster (benchmarks/RESULTS.md, CPU section).
@@ -261,6 +265,11 @@ def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, to
     dense at ``K * r`` of 512 and 1024) for bf16, ``loop`` for other dtypes (``grouped_mm`` takes
     bf16 only on CUDA).
     """
+    if requested == "triton":
+        # Forward-only kernels: used where no gradient is needed (generation, evaluation).
+        if top_k == 1 and not torch.is_grad_enabled() and triton_usable(x):
+            return "triton"
+        requested = "auto"
     if requested != "auto":
         if requested == "grouped_mm" and not _HAS_GROUPED_MM:
             raise RuntimeError("dispatch='grouped_mm' needs torch >= 2.9")

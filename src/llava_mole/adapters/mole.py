@@ -26,6 +26,7 @@ from .dispatch import (
     router_logits,
     sorted_lora_delta,
 )
+from .kernels import gathered_lora_add_
 from .lora import init_lora_pair, lora_delta
 from .state import MoLEState
 
@@ -110,8 +111,13 @@ class MoLEMLP(nn.Module):
         logits, routing = self.route(flat)
         if self.state is not None:
             self.state.record(self.block_index, logits, routing, tuple(shape[:-1]))
-        path = choose_path(self.dispatch, flat, self.num_experts, self.rank, self.top_k)
-        if path == "dense":
+        requested = self.dispatch
+        if requested == "triton" and self.training and isinstance(self.dropout, nn.Dropout):
+            requested = "auto"  # the kernels apply no dropout
+        path = choose_path(requested, flat, self.num_experts, self.rank, self.top_k)
+        if path == "triton":
+            out = self._forward_triton(flat, routing)
+        elif path == "dense":
             out = self._forward_dense(flat, routing.dense_weights())
         else:
             out = self._forward_grouped(flat, routing, path)
@@ -144,6 +150,21 @@ class MoLEMLP(nn.Module):
         x_drop = self.dropout(x)
         h = self.act_fn(proj("gate_proj", x, x_drop)) * proj("up_proj", x, x_drop)
         return proj("down_proj", h, self.dropout(h))
+
+    def _forward_triton(self, x: torch.Tensor, routing) -> torch.Tensor:
+        # Inference only (no autograd): each base projection's fresh output gets its expert
+        # deltas added in place by two fused kernels; tokens stay in their order.
+        experts, gate = routing.experts[:, 0], routing.weights[:, 0]
+
+        def proj(name: str, h: torch.Tensor) -> torch.Tensor:
+            y = getattr(self, name)(h)
+            if name in self.lora_A:
+                a, b = self.lora_A[name], self.lora_B[name]
+                gathered_lora_add_(y, h, a, b, experts, gate, self.scaling)
+            return y
+
+        h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
+        return proj("down_proj", h)
 
     def _forward_grouped(self, x: torch.Tensor, routing, path: str) -> torch.Tensor:
         grouping = ExpertGrouping.from_experts(routing.experts[:, 0], self.num_experts)

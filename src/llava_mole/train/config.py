@@ -89,7 +89,7 @@ class AdapterSection:
     mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     target_tree: str | None = None
     train_projector: bool = True
-    dispatch: Literal["auto", "loop", "grouped_mm", "dense"] = "auto"
+    dispatch: Literal["auto", "loop", "grouped_mm", "dense", "triton"] = "auto"
 
     def to_mole_config(self) -> MoLEConfig:
         data = dataclasses.asdict(self)
