@@ -175,3 +175,28 @@ def test_bf16_mixed_precision_keeps_routers_float32(tiny_world, tmp_path, monkey
     )
     assert result.completed and all(v == v for v in [result.summary["final"]["loss"]])
     assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+
+
+def test_projector_and_router_get_their_own_learning_rates(tiny_world, tmp_path, monkeypatch):
+    seen = {}
+    original = MoLETrainer.create_optimizer
+
+    def spy(self, model=None):
+        optimizer = original(self, model)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        seen["groups"] = [
+            (group["lr"], [names[id(p)] for p in group["params"]])
+            for group in optimizer.param_groups
+        ]
+        return optimizer
+
+    monkeypatch.setattr(MoLETrainer, "create_optimizer", spy)
+    overrides = base_overrides(
+        tiny_world, tmp_path / "lrs", max_steps=1, projector_lr=0.001, router_lr=0.0001
+    )
+    assert train(load_train_config(None, overrides)).completed
+    by_lr = dict(seen["groups"])
+    assert set(by_lr) == {0.002, 0.001, 0.0001}
+    assert by_lr[0.0001] and all(".router." in n for n in by_lr[0.0001])
+    assert by_lr[0.001] and all("multi_modal_projector" in n for n in by_lr[0.001])
+    assert not any(".router." in n or "multi_modal_projector" in n for n in by_lr[0.002])

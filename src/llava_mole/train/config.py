@@ -108,6 +108,10 @@ class TrainSection:
         learning_rate: peak learning rate of the adapter.
         projector_lr: learning rate of the multimodal projector (LLaVA's ``mm_projector_lr``);
             ``null`` uses ``learning_rate``.
+        router_lr: learning rate of the MoLE routers; ``null`` uses ``learning_rate``. A router's
+            logits move by about ``lr * sum|x|`` per Adam step, so at the high learning rates
+            that suit rank-1 adapters routing can flip every step: a lower router rate keeps
+            each expert's tokens stable.
         lr_scheduler: a transformers scheduler name (``cosine``, ``linear``, ``constant``...).
         warmup_ratio: share of steps for linear warmup.
         epochs: passes over the data (ignored when ``max_steps > 0``).
@@ -139,6 +143,7 @@ class TrainSection:
 
     learning_rate: float = 2e-4
     projector_lr: float | None = None
+    router_lr: float | None = None
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     epochs: float = 1.0

@@ -247,6 +247,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         data_collator=DataCollator.from_processor(processor),
         domains=list(dataset.domains),
         projector_lr=config.train.projector_lr,
+        router_lr=config.train.router_lr,
         nan_policy=config.train.nan_policy,
         log_domain_loss=config.train.log_domain_loss,
         callbacks=[JsonlLogger(out / "logs.jsonl"), monitor, stopper],

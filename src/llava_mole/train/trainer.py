@@ -61,6 +61,7 @@ class MoLETrainer(Trainer):
     Args:
         domains: domain names of the training mixture (for per-domain logging).
         projector_lr: learning rate of the multimodal projector (``None``: the main one).
+        router_lr: learning rate of the MoLE routers (``None``: the main one).
         nan_policy: ``"stop"`` or ``"skip"``.
         log_domain_loss: log the LM loss per domain.
         **kwargs: passed to ``transformers.Trainer``.
@@ -71,6 +72,7 @@ class MoLETrainer(Trainer):
         *args: Any,
         domains: list[str] | None = None,
         projector_lr: float | None = None,
+        router_lr: float | None = None,
         nan_policy: str = "stop",
         log_domain_loss: bool = True,
         **kwargs: Any,
@@ -78,6 +80,7 @@ class MoLETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.domains = list(domains or [])
         self.projector_lr = projector_lr
+        self.router_lr = router_lr
         self.nan_policy = nan_policy
         self.log_domain_loss = log_domain_loss
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
@@ -201,17 +204,20 @@ class MoLETrainer(Trainer):
 
     # ---- optimizer ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.projector_lr is not None:
+        if self.optimizer is None and (self.projector_lr is not None or self.router_lr is not None):
             model = model if model is not None else self.model
-            projector, rest = [], []
+            own_lr = {PROJECTOR_NAME: self.projector_lr, "router": self.router_lr}
+            groups: dict[str, list[torch.nn.Parameter]] = {"rest": [], **{k: [] for k in own_lr}}
             for name, param in model.named_parameters():
                 if param.requires_grad:
-                    (projector if PROJECTOR_NAME in name.split(".") else rest).append(param)
-            groups = [{"params": rest, "lr": self.args.learning_rate}]
-            if projector:
-                groups.append({"params": projector, "lr": self.projector_lr})
+                    parts = name.split(".")
+                    key = next((k for k in own_lr if k in parts and own_lr[k] is not None), "rest")
+                    groups[key].append(param)
+            lrs = {"rest": self.args.learning_rate, **own_lr}
             self.optimizer = torch.optim.AdamW(
-                groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay
+                [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps],
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
             )
             return self.optimizer
         return super().create_optimizer(model)
