@@ -253,3 +253,25 @@ def test_explicit_dispatch_is_kept_except_sorted_paths_for_top2():
     x = torch.zeros(3, 8)
     assert choose_path("dense", x, 4, 8, 1) == "dense"
     assert choose_path("loop", x, 4, 8, 2) == "dense"
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped_mm"])
+def test_grouped_paths_keep_no_sorted_copy_of_the_input(path):
+    """Without dropout, autograd keeps x (shared with the router), never a permuted copy."""
+    block = make_block(d=24, ff=40, dispatch=path)
+    x = torch.randn(50, 24, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = block(x)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    x_nbytes = x.numel() * x.element_size()
+    big = [
+        t.untyped_storage()
+        for t in saved
+        if t.shape[-1:] == x.shape[-1:]  # rows of the block input (not the d_ff activations)
+        and t.untyped_storage().nbytes() >= x_nbytes
+        and t.untyped_storage().data_ptr() not in params
+    ]
+    assert big and all(st.data_ptr() == x.untyped_storage().data_ptr() for st in big)
+    check_against_reference(block, x.detach())  # and the gradients are still exact
+    assert out.shape == x.shape

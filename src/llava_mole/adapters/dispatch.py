@@ -207,27 +207,71 @@ def grouped_linear(
     return torch.cat([F.linear(chunk, w) for chunk, w in zip(chunks, weight.unbind(0))])
 
 
+class _SortedShrink(torch.autograd.Function):
+    """``grouped_linear(x[order], a)`` that keeps ``x``, not its sorted copy, for backward."""
+
+    @staticmethod
+    def forward(ctx, x, a, grouping: ExpertGrouping, path: str) -> torch.Tensor:
+        ctx.save_for_backward(x, a)
+        ctx.grouping, ctx.path = grouping, path
+        return grouped_linear(x.index_select(0, grouping.order).to(a.dtype), a, grouping, path)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a = ctx.saved_tensors
+        grouping = ctx.grouping
+        # Rebuild the sorted rows (one gather) and redo the rank-r shrink under autograd: the
+        # gradients then come from the same grouped kernels as the forward.
+        xs = x.index_select(0, grouping.order).to(a.dtype).requires_grad_(True)
+        a_ = a.detach().requires_grad_(True)
+        with torch.enable_grad():
+            h = grouped_linear(xs, a_, grouping, ctx.path)
+        grad_xs, grad_a = torch.autograd.grad(h, (xs, a_), grad)
+        grad_x = grad_xs.index_select(0, grouping.inverse).to(x.dtype)
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_a if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+        )
+
+
+def sorted_shrink(
+    x: torch.Tensor, a: torch.Tensor, grouping: ExpertGrouping, path: str
+) -> torch.Tensor:
+    """Expert shrink ``A_e x`` of unsorted rows ``x``, returned in expert order.
+
+    Equal to ``grouped_linear(x[order], a)``, but autograd keeps ``x`` (which the block's router
+    keeps anyway) instead of the sorted copy: without LoRA dropout the grouped path then saves
+    no activation that LoRA does not. Backward pays one gather and one rank-r GEMM.
+    """
+    return _SortedShrink.apply(x, a, grouping, path)
+
+
 def sorted_lora_delta(
-    x_sorted: torch.Tensor,
+    x_sorted: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
     gate_sorted: torch.Tensor,
     scaling: float,
     grouping: ExpertGrouping,
     path: str,
+    shrunk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Expert LoRA delta ``scaling * g * B_e A_e x`` on rows sorted by expert ``e``.
 
     Args:
-        x_sorted: ``(N, in)`` rows grouped by expert (dropout applied).
+        x_sorted: ``(N, in)`` rows grouped by expert (dropout applied); unused with ``shrunk``.
         a: ``(K, r, in)``; b: ``(K, out, r)``.
         gate_sorted: ``(N, 1)`` gate weight of each row.
         scaling: ``alpha / r``.
         grouping: the block's grouping; path: see :func:`grouped_linear`.
+        shrunk: ``A_e x`` already computed (e.g. by :func:`sorted_shrink`), ``(N, r)``.
     """
-    h = grouped_linear(x_sorted.to(a.dtype), a, grouping, path)
+    h = shrunk if shrunk is not None else grouped_linear(x_sorted.to(a.dtype), a, grouping, path)
     h = h * (gate_sorted.to(h.dtype) * scaling)
-    return grouped_linear(h, b, grouping, path).to(x_sorted.dtype)
+    out_dtype = x_sorted.dtype if x_sorted is not None else h.dtype
+    return grouped_linear(h, b, grouping, path).to(out_dtype)
 
 
 def dense_lora_delta(

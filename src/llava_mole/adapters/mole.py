@@ -25,6 +25,7 @@ from .dispatch import (
     route,
     router_logits,
     sorted_lora_delta,
+    sorted_shrink,
 )
 from .kernels import gathered_lora_add_
 from .lora import init_lora_pair, lora_delta
@@ -172,15 +173,25 @@ class MoLEMLP(nn.Module):
         xs = permute_rows(x, grouping.order, grouping.inverse)
         gs = permute_rows(routing.weights, grouping.order, grouping.inverse)
 
-        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
+        # Without dropout, gate and up shrink the unsorted input so that autograd keeps x (the
+        # router keeps it anyway) rather than the sorted copy.
+        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
+
+        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor, unsorted=None) -> torch.Tensor:
             y = getattr(self, name)(h)
             if name in self.lora_A:
                 a, b = self.lora_A[name], self.lora_B[name]
-                y = y + sorted_lora_delta(h_drop, a, b, gs, self.scaling, grouping, path)
+                shrunk = None
+                if unsorted is not None and not dropout_active:
+                    shrunk = sorted_shrink(unsorted, a, grouping, path)
+                y = y + sorted_lora_delta(
+                    h_drop, a, b, gs, self.scaling, grouping, path, shrunk=shrunk
+                ).to(y.dtype)
             return y
 
-        xs_drop = self.dropout(xs)
-        hs = self.act_fn(proj("gate_proj", xs, xs_drop)) * proj("up_proj", xs, xs_drop)
+        xs_drop = self.dropout(xs) if dropout_active else xs
+        gate_out = proj("gate_proj", xs, xs_drop, unsorted=x)
+        hs = self.act_fn(gate_out) * proj("up_proj", xs, xs_drop, unsorted=x)
         ys = proj("down_proj", hs, self.dropout(hs))
         return permute_rows(ys, grouping.inverse, grouping.order)
 
