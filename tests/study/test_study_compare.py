@@ -82,7 +82,7 @@ def test_compare_writes_a_complete_report(finished):
         "# LLaVA-MoLE data-conflict study",
         "## Setup",
         "| setting | general | document | macro |",
-        "| mix_lora_rank_kr | ",
+        "| mix_lora_rank_kr | LoRA r=1, MLP r=3 ",
         "## Drop and recovery",
         "## Verdict",
         "Only one seed",

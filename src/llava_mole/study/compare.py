@@ -825,10 +825,11 @@ class _Progress:
 def _describe(spec: RunSpec) -> str:
     """One line naming the run for progress output."""
     adapter = spec.config.adapter
+    mlp = f", MLP r={adapter.mlp_rank}" if adapter.mlp_rank not in (None, adapter.rank) else ""
     kind = (
         f"MoLE K={adapter.num_experts} r={adapter.rank}"
         if adapter.type == "mole"
-        else f"LoRA r={adapter.rank}"
+        else f"LoRA r={adapter.rank}{mlp}"
     )
     domain = f" domain {spec.domain}" if spec.domain else ""
     return f"{spec.setting}{domain} seed {spec.seed} ({kind}, {spec.steps} steps)"
@@ -924,6 +925,7 @@ def collect_runs(specs: list[RunSpec]) -> list[dict[str, Any]]:
                 "adapter": {
                     "type": adapter.type,
                     "rank": adapter.rank,
+                    "mlp_rank": adapter.mlp_rank,
                     "alpha": adapter.alpha,
                     "num_experts": adapter.num_experts if adapter.type == "mole" else 1,
                 },

@@ -715,10 +715,12 @@ def _setup_table(results: dict[str, Any]) -> str:
     ]
     for name, s in results["setup"]["settings"].items():
         a = s["adapter"]
+        mlp_rank = a.get("mlp_rank")
+        mlp = f", MLP r={mlp_rank}" if mlp_rank not in (None, a["rank"]) else ""
         kind = (
             f"MoLE K={a['num_experts']} r={a['rank']} α={a['alpha']:g}"
             if a["type"] == "mole"
-            else f"LoRA r={a['rank']} α={a['alpha']:g}"
+            else f"LoRA r={a['rank']}{mlp} α={a['alpha']:g}"
         )
         params = "–" if s["trainable_parameters"] is None else f"{s['trainable_parameters']:,}"
         wall = "–" if s["mean_wall_time_s"] is None else f"{s['mean_wall_time_s']:.1f}"
