@@ -9,7 +9,8 @@ LoRA; benchmarks/RESULTS.md). For top-1 routing each adapted projection ``P`` ne
 for token ``n`` with expert ``e_n`` and gate ``g_n``. Two kernels do it with no permutation, no
 masking and no copy of the expert weights, reading only the chosen expert's rows:
 
-* :func:`_shrink_kernel`: one program per token, ``u_n = s * g_n * A_{e_n} h_n`` (float32, r wide);
+* :func:`_shrink_kernel`: one program per (token, block of rank rows),
+  ``u_n = s * g_n * A_{e_n} h_n`` (float32, r wide);
 * :func:`_expand_add_kernel`: one program per (token, block of outputs), ``y_n += B_{e_n} u_n``
   in place on the base projection's output (the LoRA add is fused).
 
@@ -84,14 +85,17 @@ if HAS_TRITON:
         scaling,
         D_IN: tl.constexpr,  # constexpr: a model has two widths, and the loop bound must be static
         R_PAD: tl.constexpr,  # under the interpreter (runtime loop bounds fail there with numpy 2.5)
+        BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         n = tl.program_id(0)
         e = tl.load(expert_ptr + n)
         g = tl.load(gate_ptr + n).to(tl.float32)
-        rows = tl.arange(0, R_PAD)
+        # Rank rows are split over programs too: with one token (decoding) a single program
+        # would read the whole r x d_in expert matrix alone.
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < rank
-        acc = tl.zeros((R_PAD,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for start in range(0, D_IN, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D_IN
@@ -137,7 +141,12 @@ if HAS_TRITON:
 
     _warps = (2, 4, 8)
     _shrink = _tuned(
-        [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd in (64, 128, 256) for w in _warps],
+        [
+            triton.Config({"BLOCK_R": br, "BLOCK_D": bd}, num_warps=w)
+            for br in (16, 32, 64)
+            for bd in (64, 128, 256)
+            for w in _warps
+        ],
         key=["D_IN", "rank"],
     )(_shrink_kernel)
     _expand_add = _tuned(
@@ -183,7 +192,7 @@ def gathered_lora_add_(
     gate = gate.to(torch.float32).contiguous()
     u = torch.empty(n, r_pad, device=x.device, dtype=torch.float32)
     _shrink(
-        (n,),
+        lambda meta: (n, triton.cdiv(rank, meta["BLOCK_R"])),
         x,
         a,
         experts,
