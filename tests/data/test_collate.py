@@ -99,6 +99,24 @@ def test_dataset_items_and_metadata(samples, processor, monkeypatch):
         dataset[6]
 
 
+@pytest.mark.parametrize("budget", [0, 64 * 2**20, 3 * 32 * 32 * 4])
+def test_pixel_cache_reuses_processed_images_within_its_budget(
+    samples, processor, monkeypatch, budget
+):
+    dataset = InstructDataset(samples, processor, pixel_cache_bytes=budget)
+    calls = []
+    real = collate_module.load_image
+    monkeypatch.setattr(
+        collate_module, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    first = [dataset[i]["pixel_values"] for i in (0, 2, 4)]  # the items with images
+    second = [dataset[i]["pixel_values"] for i in (0, 2, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # budget 0: every read decodes; one image's worth: only the first image stays cached.
+    expected = {0: 6, 64 * 2**20: 3, 3 * 32 * 32 * 4: 5}[budget]
+    assert len(calls) == expected
+
+
 def test_dataset_drops_malformed_in_memory_samples(processor):
     good = Sample("g", None, [("user", "hello"), ("assistant", "a cat")], "x")
     bad = Sample("b", None, [("user", "hello")], "y", source="mem", index=4)

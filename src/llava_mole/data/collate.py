@@ -71,6 +71,9 @@ class InstructDataset(Dataset):
         max_image_pixels: Size limit for images opened in ``__getitem__``.
         max_replacement_tries: How many replacement items to try when an image fails.
         strict: Raise `DataError` instead of dropping samples.
+        pixel_cache_bytes: Keep processed images in memory up to this many bytes (per
+            process), so that small datasets seen for several epochs skip decoding and
+            resizing (about 10% of a tiny-model training step); 0 disables it.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class InstructDataset(Dataset):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         max_replacement_tries: int = 10,
         strict: bool = False,
+        pixel_cache_bytes: int = 64 * 2**20,
     ) -> None:
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
@@ -106,6 +110,9 @@ class InstructDataset(Dataset):
         self.encoder = ConversationEncoder(processor, template, max_length)
         self.report = LoadReport(per_domain={d: 0 for d in self.domains})
         self.image_failures: Counter[str] = Counter()
+        self.pixel_cache_bytes = pixel_cache_bytes
+        self._pixel_cache: dict[str, torch.Tensor] = {}
+        self._pixel_cache_used = 0
 
         if any(s.has_image for s in samples) and self.image_processor is None:
             raise ValueError("samples have images but the processor has no image_processor")
@@ -161,8 +168,17 @@ class InstructDataset(Dataset):
 
     # ----------------------------------------------------------------- items
     def _pixel_values(self, sample: Sample) -> torch.Tensor:
+        key = str(sample.image)
+        cached = self._pixel_cache.get(key)
+        if cached is not None:
+            return cached
         img = load_image(sample.image, max_pixels=self.max_image_pixels)  # type: ignore[arg-type]
-        return pixel_values([img], self.image_processor, self.image_mode)[0]
+        values = pixel_values([img], self.image_processor, self.image_mode)[0]
+        size = values.numel() * values.element_size()
+        if self._pixel_cache_used + size <= self.pixel_cache_bytes:
+            self._pixel_cache[key] = values
+            self._pixel_cache_used += size
+        return values
 
     def _try_item(self, index: int) -> dict[str, Any] | None:
         item = self._items[index]
