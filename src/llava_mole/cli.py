@@ -44,6 +44,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         test_per_domain=args.test_per_domain,
         seed=args.seed,
         num_classes=args.num_classes,
+        code_questions=args.code_questions,
     )
     print(f"synthetic domains written to {path} (mixture: {path / 'mixture.yaml'})")
     return 0
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-domain", type=int, default=600)
     p.add_argument("--test-per-domain", type=int, default=200)
     p.add_argument("--num-classes", type=int, default=24)
+    p.add_argument(
+        "--code-questions",
+        choices=("shared", "domain"),
+        default="shared",
+        help="one code question for all domains, or one wording per domain",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     p = add(

@@ -63,7 +63,8 @@ def test_counts_fields_and_images(world: Path) -> None:
                 assert human["from"] == "human" and gpt["from"] == "gpt"
                 assert human["value"].startswith("<image>\n")
                 question = human["value"].split("\n", 1)[1]
-                expected = S.CODE_QUESTION if s["task"] == "code" else spec.natural_question
+                code_question = S.CODE_QUESTION  # the fixture uses the shared wording
+                expected = code_question if s["task"] == "code" else spec.natural_question
                 assert question == expected
         for s in _load(world, spec.name, "test")[:10]:
             with Image.open(world / spec.name / "images" / s["image"]) as img:
@@ -161,3 +162,27 @@ def test_caption_examples_counts_and_class_space() -> None:
     shapes = set(S.SCENE_SHAPES[:3])
     for _, caption, _ in S.caption_examples({"scenes": 40}, seed=1, max_classes=24):
         assert any(shape in caption for shape in shapes), caption
+
+
+def test_domain_code_questions(tmp_path: Path) -> None:
+    out = S.make_data(
+        tmp_path / "dq",
+        samples_per_domain=12,
+        test_per_domain=4,
+        num_classes=4,
+        code_questions="domain",
+    )
+    questions = {spec.code_question for spec in S.DATASETS}
+    assert len(questions) == len(S.DATASETS) and S.CODE_QUESTION not in questions
+    for spec in S.DATASETS:
+        for s in _load(out, spec.name, "train"):
+            if s["task"] == "code":
+                assert s["conversations"][0]["value"] == f"<image>\n{spec.code_question}"
+    world = json.loads((out / "synthetic_world.json").read_text())
+    assert world["code_questions"] == {s.name: s.code_question for s in S.DATASETS}
+    # every word of the domain questions is in the tokenizer's vocabulary corpus
+    words = set(S.corpus_words())
+    for q in questions:
+        assert set(re.findall(r"[A-Za-z]+", q)) <= words
+    with pytest.raises(ValueError, match="code_questions"):
+        S.make_data(tmp_path / "bad", samples_per_domain=4, test_per_domain=2, code_questions="x")

@@ -22,6 +22,12 @@ in another, and visual cues that domains share (colour above all) point to diffe
 answers. Only the image tells the domain apart, so capacity spent on one mapping competes
 with the others -- the data conflict that sparse experts (MoLE) are meant to resolve.
 
+With ``make_data(code_questions="domain")`` each domain words the code question its own way
+("What is the code for this shape/chart/slide?"), as document and medical questions differ in
+real instruction data. The mappings still contradict each other, but the domain is then
+visible in the text as well, so a token-level router can tell the domains apart at the
+positions that produce the answer, not only at the image tokens.
+
 A smaller share of samples (``natural_share``) asks one natural question per domain whose
 answer is consistent across domains (plain colour word, ordinal of the tallest bar,
 yes/no for density); these carry no conflict and act as a control.
@@ -113,18 +119,27 @@ class DatasetSpec:
         domain: Domain label stored in every sample and in the mixture YAML.
         natural_question: The domain's natural (non-conflicting) question.
         max_classes: Number of distinct classes the renderer supports.
+        code_question: The domain's wording of the code question (used with
+            ``make_data(code_questions="domain")``); names what the image shows.
     """
 
     name: str
     domain: str
     natural_question: str
     max_classes: int
+    code_question: str = CODE_QUESTION
 
 
 DATASETS: tuple[DatasetSpec, ...] = (
-    DatasetSpec("scenes", "general", "What colour is the shape?", 8 * 6),
-    DatasetSpec("charts", "document", "Which bar is tallest?", 4 * 8),
-    DatasetSpec("cells", "biomedical", "Are the cells dense?", 2 * 2 * 8),
+    DatasetSpec(
+        "scenes", "general", "What colour is the shape?", 8 * 6, "What is the code for this shape?"
+    ),
+    DatasetSpec(
+        "charts", "document", "Which bar is tallest?", 4 * 8, "What is the code for this chart?"
+    ),
+    DatasetSpec(
+        "cells", "biomedical", "Are the cells dense?", 2 * 2 * 8, "What is the code for this slide?"
+    ),
 )
 DATASET_NAMES: tuple[str, ...] = tuple(d.name for d in DATASETS)
 DOMAIN_OF: dict[str, str] = {d.name: d.domain for d in DATASETS}
@@ -474,6 +489,7 @@ def corpus_words() -> list[str]:
     """
     texts = [CODE_QUESTION, PRETRAIN_QUESTION, _CAPTION_EXTRA_WORDS, "yes no"]
     texts += [spec.natural_question for spec in DATASETS]
+    texts += [spec.code_question for spec in DATASETS]
     texts += [t for group in _CAPTIONS.values() for t in group]
     texts += list(CODE_WORDS) + list(ORDINALS) + list(NUMBER_WORDS) + list(SCENE_SHAPES)
     texts += list(SCENE_COLOURS) + list(CHART_COLOURS) + list(CELL_STAINS)
@@ -494,6 +510,7 @@ def _build_split(
     seed: int,
     num_classes: int,
     natural_share: float,
+    code_question: str,
 ) -> list[dict[str, Any]]:
     split_index = ("train", "test").index(split)
     rng = np.random.default_rng([seed, DATASET_NAMES.index(spec.name), split_index])
@@ -511,7 +528,7 @@ def _build_split(
         if i in natural:
             task, question, answer = "natural", spec.natural_question, natural_answer(attrs)
         else:
-            task, question, answer = "code", CODE_QUESTION, codes[class_id]
+            task, question, answer = "code", code_question, codes[class_id]
         samples.append(
             {
                 "id": f"{spec.name}-{split}-{i:05d}",
@@ -561,6 +578,7 @@ def make_data(
     seed: int = 0,
     num_classes: int = 24,
     natural_share: float = 0.25,
+    code_questions: str = "shared",
 ) -> Path:
     """Write the synthetic three-domain world in LLaVA format.
 
@@ -575,10 +593,15 @@ def make_data(
         seed: World seed; output is byte-identical for equal arguments.
         num_classes: Classes per domain (and code words in use), at most :data:`MAX_CLASSES`.
         natural_share: Fraction of samples asking the natural (non-conflicting) question.
+        code_questions: ``"shared"``: every domain asks :data:`CODE_QUESTION`; ``"domain"``:
+            each asks its own wording (``DatasetSpec.code_question``), so the question text
+            tells the domain, as document and medical questions do in real instruction data.
 
     Returns:
         ``out_dir`` as a :class:`Path`.
     """
+    if code_questions not in ("shared", "domain"):
+        raise ValueError(f"code_questions must be 'shared' or 'domain', got {code_questions!r}")
     _check_num_classes(num_classes)
     if not 0.0 <= natural_share <= 1.0:
         raise ValueError(f"natural_share must be in [0, 1], got {natural_share}")
@@ -589,7 +612,10 @@ def make_data(
         codes = code_permutation(spec.name, seed, num_classes)
         codebooks[spec.name] = codes
         for split, n in (("train", samples_per_domain), ("test", test_per_domain)):
-            samples = _build_split(spec, split, n, out, codes, seed, num_classes, natural_share)
+            question = CODE_QUESTION if code_questions == "shared" else spec.code_question
+            samples = _build_split(
+                spec, split, n, out, codes, seed, num_classes, natural_share, question
+            )
             text = json.dumps(samples, indent=1, ensure_ascii=False) + "\n"
             (out / spec.name / f"{split}.json").write_text(text, encoding="utf-8")
         _write_yaml(out / f"mixture-{spec.name}.yaml", seed, [spec])
@@ -601,7 +627,10 @@ def make_data(
         "test_per_domain": test_per_domain,
         "num_classes": num_classes,
         "natural_share": natural_share,
-        "code_question": CODE_QUESTION,
+        "code_questions": {
+            s.name: CODE_QUESTION if code_questions == "shared" else s.code_question
+            for s in DATASETS
+        },
         "domains": {s.name: s.domain for s in DATASETS},
         "natural_questions": {s.name: s.natural_question for s in DATASETS},
         "codebooks": codebooks,
