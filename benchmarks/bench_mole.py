@@ -1038,9 +1038,12 @@ def markdown_tables(records: list[dict[str, Any]], correctness: list[dict[str, A
         ]
         for v in shown:
             rec = row.get(v)
-            cells.append(
-                "ERR" if rec is None or rec["median_ms"] is None else _fmt(rec["ratio_to_lora"])
-            )
+            if rec is not None and rec["median_ms"] is not None:
+                cells.append(_fmt(rec["ratio_to_lora"]))
+            elif rec is not None and str(rec.get("error") or "").startswith("not run"):
+                cells.append("–")  # not applicable here (the JSON row says why)
+            else:
+                cells.append("ERR")
         lines.append("| " + " | ".join(cells) + " |")
 
     train = [k for k in groups if k[1] == "train"]
