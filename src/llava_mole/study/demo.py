@@ -3,8 +3,8 @@
 Builds (or reuses from cache) the tiny pretrained LLaVA, writes the three synthetic domains,
 and runs the study (single-domain LoRA, mixed LoRA, mixed MoLE, 2x-steps LoRA, rank-K*r LoRA)
 with a setting chosen so that a data conflict can show on a 2-core CPU in minutes: rank-1
-adapters and domains that each need their own mapping of many classes under the same
-instruction, at equal per-domain exposure. Whatever the numbers say, the report says it: the
+adapters (frozen projector) and domains that each need their own mapping of many classes
+under the same kind of question (worded per domain), at equal per-domain exposure. Whatever the numbers say, the report says it: the
 verdict rules are the study's, not the demo's.
 """
 
