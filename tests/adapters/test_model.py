@@ -251,9 +251,20 @@ def test_routing_stats_by_domain_and_token_type(llava):
     stats = routing_stats(llava)
     assert sorted(stats) == [0, 1]
     counts = stats[0]
-    assert counts.shape == (2, 2, 3)
+    assert counts.shape == (2, 3, 3)  # domain x (text, image, answer) x experts
     assert counts[0, 1].sum() == 16 and counts[1, 1].sum() == 16  # image tokens per sample
     assert counts[0, 0].sum() == 8 and counts[1, 0].sum() == 5  # text tokens, padding excluded
+    assert counts[:, 2].sum() == 0  # no answer positions marked
+
+    # Positions marked as answer-producing move from "text" to "answer".
+    enable_routing_stats(llava)
+    answer = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    answer[0, -2:] = True
+    set_token_tags(llava, torch.tensor([0, 1]), num_domains=2, answer_mask=answer)
+    llava(**batch)
+    counts = routing_stats(llava)[0]
+    assert counts[0, 2].sum() == 2 and counts[0, 0].sum() == 6
+    assert counts[1, 2].sum() == 0 and counts[1, 0].sum() == 5
 
 
 def test_merge_and_unmerge_lora(llava):

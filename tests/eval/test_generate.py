@@ -198,7 +198,9 @@ def test_mole_adapter_routing_picture(world, batched, adapter_dir) -> None:
         assert 0 <= entry["block"] < num_blocks
         assert entry["image_tokens"] == TEST_PER_DOMAIN * NUM_IMAGE_TOKENS
         assert entry["text_tokens"] > 0
-        for kind in ("text", "image"):
+        # Every sample predicts at least one answer token; answer positions are text positions.
+        assert TEST_PER_DOMAIN <= entry["answer_tokens"] < entry["text_tokens"]
+        for kind in ("text", "image", "answer"):
             shares = entry[kind]
             assert len(shares) == 3 and all(0.0 <= s <= 1.0 for s in shares)
             assert math.isclose(sum(shares), 1.0, abs_tol=1e-6)
@@ -336,3 +338,19 @@ def test_predict_and_generate_errors(world, base) -> None:
         predict(question="<image>\nWhat is it?", model=model, processor=processor)
     with pytest.raises(ValueError, match="prompts"):
         generate_answers(model, processor, [torch.tensor([1, 2])], [None, None])
+
+
+def test_prompt_is_a_prefix_of_the_teacher_forced_sequence(world) -> None:
+    """The routing picture marks answer positions from the prompt length: that needs the prompt
+    tokens to be exactly the start of the full (prompt + answer) encoding."""
+    from collections import Counter
+
+    from llava_mole.data.templates import ConversationEncoder
+
+    _, processor = load_model_and_processor(world["tiny"])
+    samples, _ = load_split(world["mixture"], "test")
+    items = gen._prepare(samples, ConversationEncoder(processor, "vicuna_v1"), True, Counter())
+    assert items and all(item.full is not None for item in items)
+    for item in items:
+        assert len(item.full) > len(item.prompt)
+        assert torch.equal(item.full[: len(item.prompt)], item.prompt)

@@ -26,6 +26,10 @@ from .config import MoLEConfig
 from .dispatch import Routing
 
 STATE_ATTR = "_mole_state"
+# Token kinds of the routing statistics: prompt text, image, and the positions that predict an
+# answer token (where a domain-specific answer is produced; only known when the caller marks
+# them with ``set_token_tags(..., answer_mask=...)``; text otherwise).
+TOKEN_KINDS = ("text", "image", "answer")
 
 
 def _in_backward() -> bool:
@@ -41,6 +45,7 @@ class MoLEState:
         self.num_blocks = num_blocks
         self.image_token_id = image_token_id
         self.domain_ids: torch.Tensor | None = None
+        self.answer_mask: torch.Tensor | None = None
         self.num_domains = 1
         self.collect_stats = False
         self.stats: dict[int, torch.Tensor] = {}
@@ -128,13 +133,17 @@ class MoLEState:
             if is_image is None
             else is_image.to(device=device, dtype=torch.long)
         )
+        is_answer = self._align(self.answer_mask, batch, seq)
+        if is_answer is not None:
+            kind = torch.where(is_answer.to(device), 2, kind)
         domain = torch.zeros(batch, dtype=torch.long, device=device)
         if self.domain_ids is not None and self.domain_ids.numel() == batch:
             domain = self.domain_ids.to(device)
-        slot = (domain.view(batch, 1) * 2 + kind).reshape(-1)
-        counts = torch.zeros(self.num_domains * 2, k, device=device)
+        n_kinds = len(TOKEN_KINDS)
+        slot = (domain.view(batch, 1) * n_kinds + kind).reshape(-1)
+        counts = torch.zeros(self.num_domains * n_kinds, k, device=device)
         counts.index_add_(0, slot, (chosen * real.unsqueeze(-1)).reshape(-1, k))
-        counts = counts.view(self.num_domains, 2, k)
+        counts = counts.view(self.num_domains, n_kinds, k)
         if block in self.stats and self.stats[block].shape == counts.shape:
             self.stats[block] += counts
         else:
@@ -201,17 +210,31 @@ def routing_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def set_token_tags(model: nn.Module, domain_ids: torch.Tensor | None, num_domains: int = 1) -> None:
-    """Tag the samples of the next forwards with domain ids (for routing statistics)."""
+def set_token_tags(
+    model: nn.Module,
+    domain_ids: torch.Tensor | None,
+    num_domains: int = 1,
+    answer_mask: torch.Tensor | None = None,
+) -> None:
+    """Tag the samples of the next forwards for routing statistics.
+
+    Args:
+        model: the adapted model.
+        domain_ids: ``(B,)`` domain index of each sample.
+        num_domains: how many domains the statistics distinguish.
+        answer_mask: optional ``(B, T)`` bool, true at the positions whose next token is part of
+            the answer (counted as ``"answer"`` instead of ``"text"``).
+    """
     state = get_state(model)
     if state is None:
         return
     state.domain_ids = domain_ids
     state.num_domains = max(int(num_domains), 1)
+    state.answer_mask = answer_mask
 
 
 def enable_routing_stats(model: nn.Module, enabled: bool = True, reset: bool = True) -> None:
-    """Accumulate expert counts per block, domain and token type (text / image) over forwards."""
+    """Accumulate expert counts per block, domain and token kind (:data:`TOKEN_KINDS`)."""
     state = get_state(model)
     if state is None:
         raise ValueError("the model has no MoLE blocks (apply_mole with mode='mole' first)")
@@ -221,6 +244,6 @@ def enable_routing_stats(model: nn.Module, enabled: bool = True, reset: bool = T
 
 
 def routing_stats(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Accumulated counts: ``{block: tensor (num_domains, 2 [text, image], K)}``."""
+    """Accumulated counts: ``{block: tensor (num_domains, 3 [text, image, answer], K)}``."""
     state = get_state(model)
     return {} if state is None else {b: t.detach().cpu() for b, t in sorted(state.stats.items())}

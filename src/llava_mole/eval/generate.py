@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llava_mole.adapters.inject import merge_lora, unmerge_lora
 from llava_mole.adapters.io import atomic_write_bytes, load_adapter
-from llava_mole.adapters.state import get_state, routing_stats, set_token_tags
+from llava_mole.adapters.state import TOKEN_KINDS, get_state, routing_stats, set_token_tags
 from llava_mole.data.formats import ASSISTANT, IMAGE_PLACEHOLDER, USER, Sample
 from llava_mole.data.images import IMAGE_MODES, ImageLoadError, load_image, pixel_values
 from llava_mole.data.mixture import MixtureConfig, load_mixture, load_split
@@ -363,16 +363,19 @@ def _routing_forward(
     length = max(len(f) for f in fulls)  # type: ignore[arg-type]
     ids = torch.full((len(fulls), length), _pad_token_id(get_tokenizer(processor)))
     mask = torch.zeros((len(fulls), length), dtype=torch.long)
-    for row, full in enumerate(fulls):
+    answer = torch.zeros((len(fulls), length), dtype=torch.bool)
+    for row, (k, full) in enumerate(zip(keep, fulls)):
         ids[row, : len(full)] = full  # type: ignore[arg-type]
         mask[row, : len(full)] = 1  # padding is excluded from the counts through the mask
+        # Positions whose next token is an answer token: where the answer is produced.
+        answer[row, len(batch[k].prompt) - 1 : len(full) - 1] = True
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     stacked = _pixels(pixels, processor, "pad", dtype, device)
     if stacked is not None:
         inputs["pixel_values"] = stacked
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         inputs["logits_to_keep"] = 1  # only the routing matters, skip the full LM head
-    set_token_tags(model, torch.tensor(domain_ids, device=device), num_domains)
+    set_token_tags(model, torch.tensor(domain_ids, device=device), num_domains, answer.to(device))
     state.collect_stats = True
     try:
         with torch.no_grad():
@@ -391,8 +394,11 @@ def _routing_picture(model: nn.Module, domains: list[str]) -> dict[str, Any] | N
     for block, counts in stats.items():
         for d, domain in enumerate(domains):
             entry: dict[str, Any] = {"block": int(block), "domain": domain}
-            for t, kind in enumerate(("text", "image")):
-                row = counts[d, t].double()
+            rows = {kind: counts[d, t].double() for t, kind in enumerate(TOKEN_KINDS)}
+            # "text" is every text token, answer-producing positions included (the paper's
+            # split); "answer" is that subset alone.
+            rows["text"] = rows["text"] + rows["answer"]
+            for kind, row in rows.items():
                 total = float(row.sum())
                 # Counts are fractions 1/top_k per chosen expert, so the row sum is the token count.
                 entry[kind] = (row / total).tolist() if total > 0 else None
@@ -462,7 +468,9 @@ def evaluate(
         "routing", "wall_time_s"}``: ``per_domain``/``overall`` as in `score_predictions`,
         ``skipped`` counts dropped samples per reason (loading and evaluation), ``routing`` is
         ``{"experts": K, "domains": [...], "blocks": [{"block", "domain", "text", "image",
-        "text_tokens", "image_tokens"}, ...]}`` (shares None where a type has no tokens) or None.
+        "answer", "text_tokens", "image_tokens", "answer_tokens"}, ...]}`` (expert shares; None
+        where a kind has no tokens; ``answer``: the positions that predict the reference
+        answer's tokens, a subset of ``text``) or None.
 
     Raises:
         ValueError: Missing mixture/model, bad sizes.
@@ -493,7 +501,13 @@ def evaluate(
     picture = None
     saved = None
     if state is not None:  # the caller's statistics and tags survive this evaluation
-        saved = (state.collect_stats, state.stats, state.domain_ids, state.num_domains)
+        saved = (
+            state.collect_stats,
+            state.stats,
+            state.domain_ids,
+            state.num_domains,
+            state.answer_mask,
+        )
         state.collect_stats, state.stats = False, {}
     bar = tqdm(total=len(items), desc="evaluate", unit="sample", disable=not progress)
     try:
@@ -531,7 +545,7 @@ def evaluate(
         bar.close()
         if state is not None and saved is not None:
             state.collect_stats, state.stats = saved[0], saved[1]
-            set_token_tags(model, saved[2], saved[3])
+            set_token_tags(model, saved[2], saved[3], saved[4])
 
     scores = score_predictions(records, cfg.metrics)
     pred_path: Path | None = None

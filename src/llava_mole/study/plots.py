@@ -136,7 +136,8 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
 
 
 def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_mole") -> Path:
-    """The routing figure: rows = token type (image, text), columns = layers (MoLE blocks).
+    """The routing figure: rows = token kind (image, text, and answer positions when recorded),
+    columns = layers (MoLE blocks).
 
     Each panel has one stacked bar per domain: the share of that domain's tokens sent to each
     expert (mean over seeds).
@@ -158,12 +159,15 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
     blocks = sorted({b["block"] for b in picture["blocks"]})
     domains = picture["domains"]
     experts = picture["experts"]
-    fig = _figure(max(6.0, 2.3 * len(blocks)), 5.2)
-    axes = fig.subplots(2, len(blocks), squeeze=False, sharey=True)
-    for row, kind in enumerate(("image", "text")):
+    kinds = ["image", "text"]
+    if any(b.get("answer") is not None for b in picture["blocks"]):
+        kinds.append("answer")
+    fig = _figure(max(6.0, 2.3 * len(blocks)), 2.6 * len(kinds))
+    axes = fig.subplots(len(kinds), len(blocks), squeeze=False, sharey=True)
+    for row, kind in enumerate(kinds):
         for col, block in enumerate(blocks):
             ax = axes[row][col]
-            entries = {b["domain"]: b[kind] for b in picture["blocks"] if b["block"] == block}
+            entries = {b["domain"]: b.get(kind) for b in picture["blocks"] if b["block"] == block}
             bottoms = [0.0] * len(domains)
             for k in range(experts):
                 heights = [
@@ -188,7 +192,8 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
             if row == 0:
                 ax.set_title(f"layer {block}", fontsize=9)
             if col == 0:
-                ax.set_ylabel(f"{kind} tokens\nexpert share")
+                label = "answer positions" if kind == "answer" else f"{kind} tokens"
+                ax.set_ylabel(f"{label}\nexpert share")
     fig.suptitle(
         f"Expert load per layer and domain ({setting}, mean over {picture['seeds']} seed(s))"
     )

@@ -437,6 +437,10 @@ def verdict(
 # ---- results -------------------------------------------------------------------------------
 
 
+# Token kinds of a routing picture (see ``eval.generate``): ``answer`` is a subset of ``text``.
+PICTURE_KINDS = ("text", "image", "answer")
+
+
 def _routing_mean(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Mean routing picture over seeds (shares averaged where present, tokens summed)."""
     pictures = [e for e in evals if e]
@@ -448,10 +452,9 @@ def _routing_mean(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         for entry in picture["blocks"]:
             key = (entry["block"], entry["domain"])
             cell = cells.setdefault(
-                key,
-                {"text": [], "image": [], "text_tokens": 0, "image_tokens": 0},
+                key, {**{k: [] for k in PICTURE_KINDS}, **{f"{k}_tokens": 0 for k in PICTURE_KINDS}}
             )
-            for kind in ("text", "image"):
+            for kind in PICTURE_KINDS:
                 if entry.get(kind) is not None:
                     cell[kind].append(entry[kind])
                 cell[f"{kind}_tokens"] += entry.get(f"{kind}_tokens", 0)
@@ -461,7 +464,7 @@ def _routing_mean(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         cells.items(), key=lambda kv: (kv[0][0], domains.index(kv[0][1]))
     ):
         entry: dict[str, Any] = {"block": block, "domain": domain}
-        for kind in ("text", "image"):
+        for kind in PICTURE_KINDS:
             shares = cell[kind]
             entry[kind] = (
                 [statistics.fmean(s[k] for s in shares) for k in range(experts)] if shares else None
@@ -471,7 +474,7 @@ def _routing_mean(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     separation = []
     for block in sorted({b["block"] for b in blocks}):
         row: dict[str, Any] = {"block": block}
-        for kind in ("text", "image"):
+        for kind in PICTURE_KINDS:
             rows = [b[kind] for b in blocks if b["block"] == block and b[kind] is not None]
             pairs = [
                 0.5 * sum(abs(x - y) for x, y in zip(p, q))
@@ -744,7 +747,9 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
             continue
         out += [
             f"**{setting}** (mean over {picture['seeds']} seed(s), {picture['experts']} experts). "
-            "Cells: the expert most used by the domain's tokens and its share. *Separation*: mean "
+            "Cells: the expert most used by the domain's tokens and its share. Token kinds: image, "
+            "text (all text tokens) and answer (the text positions that predict the reference "
+            "answer, where the domain-specific mapping is produced). *Separation*: mean "
             "pairwise total-variation distance between the domains' expert shares (0 = all "
             "domains routed alike, 1 = disjoint experts).",
             "",
@@ -752,7 +757,9 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
             "|---|---|" + "---|" * len(picture["domains"]) + "---:|",
         ]
         for sep in picture["separation"]:
-            for kind in ("image", "text"):
+            for kind in ("image", "text", "answer"):
+                if sep.get(kind) is None and kind == "answer":
+                    continue  # older results, or no answer positions recorded
                 cells = []
                 for domain in picture["domains"]:
                     entry = next(
@@ -760,7 +767,7 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
                         for b in picture["blocks"]
                         if b["block"] == sep["block"] and b["domain"] == domain
                     )
-                    shares = entry[kind]
+                    shares = entry.get(kind)
                     if shares is None:
                         cells.append("–")
                     else:
