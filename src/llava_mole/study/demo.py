@@ -41,7 +41,7 @@ DEMO_TRAIN = {
     # At 1e-2 MoLE training is unstable (loss spikes mid-run; also with a 10x lower router
     # learning rate), and it trails mixed LoRA; at 5e-3 it trains as well as LoRA or better.
     "learning_rate": 5.0e-3,
-    "max_steps": 900,
+    "max_steps": 1350,
     "per_device_batch_size": 16,
     "warmup_ratio": 0.03,
     "logging_steps": 10,
