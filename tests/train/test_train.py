@@ -200,3 +200,12 @@ def test_projector_and_router_get_their_own_learning_rates(tiny_world, tmp_path,
     assert by_lr[0.0001] and all(".router." in n for n in by_lr[0.0001])
     assert by_lr[0.001] and all("multi_modal_projector" in n for n in by_lr[0.001])
     assert not any(".router." in n or "multi_modal_projector" in n for n in by_lr[0.002])
+
+
+def test_exponent_literals_without_a_dot_are_numbers(tiny_world, tmp_path):
+    """YAML 1.1 reads `5e-4` as a string; float keys still accept it, other strings stay errors."""
+    overrides = base_overrides(tiny_world, tmp_path)
+    cfg = load_train_config(None, overrides + ["train.router_lr=5e-4", "train.learning_rate=1E-3"])
+    assert cfg.train.router_lr == 5e-4 and cfg.train.learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="train.router_lr: expected a number"):
+        load_train_config(None, overrides + ["train.router_lr=fast"])
