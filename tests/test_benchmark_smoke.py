@@ -35,10 +35,10 @@ def bench():
 @pytest.mark.parametrize(
     ("tokens", "num_experts", "rank", "auto_path"),
     [
-        (96, 4, 8, "loop"),  # CPU: auto picks the grouped loop at any token count
-        (200, 4, 32, "loop"),  # many tokens, K * r > 64: auto picks the grouped loop on CPU
-        (1, 2, 8, "loop"),  # one generated token
-        (37, 8, 4, "loop"),  # odd count, some experts idle
+        (96, 4, 8, "dense"),  # CPU: auto picks dense up to K * r = 32
+        (200, 4, 32, "loop"),  # many tokens, K * r > 32: auto picks the grouped loop on CPU
+        (1, 2, 8, "dense"),  # one generated token
+        (37, 8, 8, "loop"),  # odd count, some experts idle
     ],
 )
 def test_every_variant_matches_float64(bench, tokens, num_experts, rank, auto_path):

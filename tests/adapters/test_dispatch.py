@@ -233,8 +233,10 @@ class _FakeCuda:
 @pytest.mark.parametrize(
     ("x", "k", "r", "top_k", "expected"),
     [
-        (torch.zeros(5, 8), 8, 128, 1, "loop"),  # CPU: the loop at every size
-        (torch.zeros(50000, 8), 2, 16, 1, "loop"),
+        (torch.zeros(5, 8), 8, 128, 1, "loop"),  # CPU: the loop beyond K*r = 32
+        (torch.zeros(50000, 8), 4, 16, 1, "loop"),  # K*r = 64
+        (torch.zeros(50000, 8), 2, 16, 1, "dense"),  # K*r = 32: dense at any token count
+        (torch.zeros(1, 8), 3, 1, 1, "dense"),  # the demo's K=3, r=1
         (torch.zeros(5, 8), 4, 16, 2, "dense"),  # top-2 always dense
         (_FakeCuda(64), 8, 128, 1, "dense"),  # generation on GPU
         (_FakeCuda(16384), 8, 16, 1, "dense"),  # K*r = 128

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 
 from .kernels import triton_usable
 
+# Widest expert concatenation (K * r) for which ``auto`` uses the dense path on CPU.
+CPU_DENSE_MAX_COLUMNS = 32
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
 
@@ -274,24 +277,27 @@ def sorted_lora_delta(
     return grouped_linear(h, b, grouping, path).to(out_dtype)
 
 
-def dense_lora_delta(
+def dense_shrink(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor
-) -> torch.Tensor:
-    """Expert LoRA delta computed for all experts at once and masked by the routing weights.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert's gated rank-r activations and the matching concatenated ``B``.
 
-    ``sum_k gate_k * B_k A_k x`` with ``gate`` zero for unchosen experts; one GEMM over
-    ``K * r`` columns to shrink and one to expand.
+    ``h[:, k*r:(k+1)*r] = gate_k * A_k x`` (zero for unchosen experts), so that
+    ``h @ b_cat.T = sum_k gate_k * B_k A_k x``: one GEMM over ``K * r`` columns to shrink and one
+    to expand, which the caller may accumulate into the base output (``add_expand_``).
 
     Args:
         x: ``(N, in)``; a: ``(K, r, in)``; b: ``(K, out, r)``.
         gate: ``(N, K)`` routing weights times the LoRA scaling, in the adapter dtype (computed
             once per block and shared by its projections; see :meth:`Routing.dense_weights`).
+
+    Returns:
+        ``h`` ``(N, K * r)`` and ``b_cat`` ``(out, K * r)``.
     """
     k, r, _ = a.shape
     h = F.linear(x.to(a.dtype), a.reshape(k * r, -1)).view(-1, k, r)
-    h = h * gate.unsqueeze(-1)
-    b_cat = b.permute(1, 0, 2).reshape(b.shape[1], k * r)
-    return F.linear(h.view(-1, k * r), b_cat).to(x.dtype)
+    h = (h * gate.unsqueeze(-1)).view(-1, k * r)
+    return h, b.permute(1, 0, 2).reshape(b.shape[1], k * r)
 
 
 def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, top_k: int) -> str:
@@ -299,9 +305,12 @@ def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, to
 
     ``triton`` (opt-in): the fused kernels of :mod:`.kernels` for top-1 forwards without
     gradient on CUDA (or under Triton's interpreter); anything else falls back to ``auto``.
-    ``auto``: ``dense`` for ``top_k > 1``. On CPU: ``loop`` at every token count, since dense
-    reads every expert's weights and measured slower from ``K * r >= 64`` (up to 2.3x LoRA at one
-    token, K=8, r=128) while never more than ~3% faster (benchmarks/RESULTS.md, CPU section).
+    ``auto``: ``dense`` for ``top_k > 1``. On CPU: ``dense`` for ``K * r <= 32`` and ``loop``
+    beyond. Dense reads every expert's weights: at model width 1024 it measured slower than the
+    loop from ``K * r >= 64`` (up to 2.4x LoRA at K=8, r=128) and equal at ``K * r = 32``; at the
+    tiny model's width (128) the loop's per-expert small operations cost more than dense's
+    extra columns up to ``K * r = 32`` (training step 1.07-1.26x LoRA dense vs 1.25-1.35x loop;
+    benchmarks/RESULTS.md, CPU sections).
     On CUDA (H200, bf16, one LLaMA-7B MLP block; benchmarks/RESULTS.md, GPU section): ``dense``
     for few tokens per expert (generation: 2.1-2.4x LoRA against 3.2-3.6x for ``grouped_mm``
     and 4-8x for ``loop``, all launch-bound) and for ``K * r <= 256`` (training at 16384 tokens:
@@ -323,7 +332,7 @@ def choose_path(requested: str, x: torch.Tensor, num_experts: int, rank: int, to
     if top_k > 1:
         return "dense"
     if not x.is_cuda:
-        return "loop"
+        return "dense" if num_experts * rank <= CPU_DENSE_MAX_COLUMNS else "loop"
     if x.shape[0] <= 32 * num_experts or num_experts * rank <= 256:
         return "dense"
     return "grouped_mm" if _HAS_GROUPED_MM and x.dtype == torch.bfloat16 else "loop"

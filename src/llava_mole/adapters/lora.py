@@ -2,7 +2,8 @@
 
 ``y = W x + b + (alpha / r) * B A dropout(x)`` with ``A`` (r x in) Kaiming-uniform and ``B``
 (out x r) zero, so a fresh adapter leaves the model unchanged. MoLE experts reuse
-:func:`init_lora_pair` and :func:`lora_delta`, so the baseline and the experts share one code path.
+:func:`init_lora_pair`, :func:`lora_shrink` and :func:`add_expand_`, so the baseline and the
+experts share one code path.
 """
 
 from __future__ import annotations
@@ -47,9 +48,38 @@ def lora_delta(
     Returns:
         ``(N, out)`` in ``x``'s dtype.
     """
+    return F.linear(lora_shrink(x, a, scaling, gate), b).to(x.dtype)
+
+
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, scaling: float, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The scaled rank-r activations ``scaling * gate * A x`` ``(N, r)``, in the adapter's dtype."""
     h = F.linear(x.to(a.dtype), a)
-    h = h * scaling if gate is None else h * (gate.to(h.dtype) * scaling)
-    return F.linear(h, b).to(x.dtype)
+    return h * scaling if gate is None else h * (gate.to(h.dtype) * scaling)
+
+
+def add_expand_(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y + h B^T``: the LoRA expand accumulated into the base projection's output ``y``.
+
+    The expand's result is as large as the base output (``N x out``), so computing it into a
+    fresh tensor and adding costs an extra allocation and two more passes over ``N x out``
+    elements; ``addmm_`` accumulates inside the GEMM instead (one pass, no temporary). On a
+    2-core CPU this took the tiny model's LoRA MLP step from 8.5 to 8.1 ms (base 6.1 ms).
+
+    ``y`` is written in place when it is a 2-D tensor of ``h``'s dtype that only the caller holds
+    (a fresh ``nn.Linear`` output, which its backward does not need); otherwise the result is
+    ``y + (h B^T).to(y.dtype)`` out of place, with the same numbers up to rounding.
+
+    Args:
+        y: base output ``(N, out)``.
+        h: rank-r activations ``(N, r)`` (scaling and gates folded in).
+        b: ``(out, r)``.
+    """
+    if y.dim() == 2 and h.dtype == y.dtype and y.is_contiguous():
+        # Under autocast ``h`` is already in the compute dtype; ``b`` is cast as autocast would.
+        return y.addmm_(h, b.to(y.dtype).t())
+    return y + F.linear(h, b).to(y.dtype)
 
 
 class LoRALinear(nn.Module):
@@ -75,6 +105,9 @@ class LoRALinear(nn.Module):
         if base.weight.device.type != "meta":
             init_lora_pair(self.lora_A, self.lora_B)
         self.merged = False
+        # Accumulating the update into the base output in place is safe for a plain nn.Linear
+        # (its backward keeps the input, not the output); a subclass (quantised layers) might not.
+        self._fuse = type(base) is nn.Linear
 
     @property
     def in_features(self) -> int:
@@ -90,10 +123,16 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        return y + lora_delta(self.dropout(x), self.lora_A, self.lora_B, self.scaling)
+            return self.base(x)
+        if not self._fuse:
+            return self.base(x) + lora_delta(
+                self.dropout(x), self.lora_A, self.lora_B, self.scaling
+            )
+        flat = x.reshape(-1, x.shape[-1])
+        h = lora_shrink(self.dropout(flat), self.lora_A, self.scaling)
+        y = add_expand_(self.base(flat), h, self.lora_B)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``scaling * B A`` (out x in), in the base weight's dtype."""

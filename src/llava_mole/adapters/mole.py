@@ -20,7 +20,7 @@ from .config import MoLEConfig
 from .dispatch import (
     ExpertGrouping,
     choose_path,
-    dense_lora_delta,
+    dense_shrink,
     permute_rows,
     route,
     router_logits,
@@ -28,7 +28,7 @@ from .dispatch import (
     sorted_shrink,
 )
 from .kernels import gathered_lora_add_
-from .lora import init_lora_pair, lora_delta
+from .lora import add_expand_, init_lora_pair, lora_shrink
 from .state import MoLEState
 
 
@@ -55,6 +55,11 @@ class MoLEMLP(nn.Module):
         self.act_fn = base.act_fn
         for proj in (self.gate_proj, self.up_proj, self.down_proj):
             proj.requires_grad_(False)
+        # Deltas are accumulated into the base outputs in place (see ``add_expand_``): safe for
+        # plain nn.Linear projections, whose backward does not need their output.
+        self._fuse = all(
+            type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj)
+        )
         self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.rank = config.mlp_lora_rank
@@ -124,13 +129,19 @@ class MoLEMLP(nn.Module):
             out = self._forward_grouped(flat, routing, path)
         return out.view(*shape[:-1], -1)
 
+    def _add_delta(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``y + h B^T`` (the expand of rank-r activations ``h``) for a base output ``y``."""
+        if self._fuse:
+            return add_expand_(y, h, b)
+        return y + torch.nn.functional.linear(h, b).to(y.dtype)
+
     def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
         # Same operations, in the same order, as LoRALinear on each projection.
         def proj(name: str, h: torch.Tensor) -> torch.Tensor:
             y = getattr(self, name)(h)
             if name in self.lora_A:
                 a, b = self.lora_A[name][0], self.lora_B[name][0]
-                y = y + lora_delta(self.dropout(h), a, b, self.scaling)
+                y = self._add_delta(y, lora_shrink(self.dropout(h), a, self.scaling), b)
             return y
 
         h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
@@ -145,7 +156,8 @@ class MoLEMLP(nn.Module):
         def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
             y = getattr(self, name)(h)
             if name in self.lora_A:
-                y = y + dense_lora_delta(h_drop, self.lora_A[name], self.lora_B[name], gate)
+                shrunk, b_cat = dense_shrink(h_drop, self.lora_A[name], self.lora_B[name], gate)
+                y = self._add_delta(y, shrunk, b_cat)
             return y
 
         x_drop = self.dropout(x)
