@@ -96,7 +96,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             image=args.image,
             question=args.question,
             adapter_dir=args.adapter,
+            template=args.template,
             max_new_tokens=args.max_new_tokens,
+            system=args.system,
         )
     )
     return 0
@@ -245,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None)
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--template", default=None, help="vicuna_v1 (default) or chat_template")
+    p.add_argument(
+        "--system",
+        default=None,
+        help="vicuna_v1 system prompt, as in the training mixture ('' for none; "
+        "default: LLaVA-1.5's)",
+    )
 
     p = add(
         "compare",

@@ -17,6 +17,7 @@ from llava_mole.data import (
     load_split,
 )
 from llava_mole.data.mixture import take_count
+from llava_mole.data.templates import VICUNA_V1_SYSTEM
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "mixture.yaml") -> Path:
@@ -158,6 +159,14 @@ ERRORS = [
         "template: expected one of vicuna_v1, chat_template",
     ),
     (
+        "datasets: [{domain: a, train: a.json}]\nsystem: 3",
+        "system: expected a string ('' for none), got 3",
+    ),
+    (
+        "datasets: [{domain: a, train: a.json}]\ntemplate: chat_template\nsystem: hi",
+        "system: only the vicuna_v1 template takes a system prompt",
+    ),
+    (
         "datasets: [{domain: a, train: a.json}]\nmax_length: 0",
         "max_length: expected an int >= 1, got 0",
     ),
@@ -283,3 +292,19 @@ def test_verification_can_be_skipped(tmp_path, processor):
     assert report.skipped == {"unreadable_image": 1}
     dataset, report = build_datasets(path, processor, verify_images=False)
     assert len(dataset) == 1 and not report.skipped
+
+
+def test_system_prompt_of_the_mixture_reaches_the_dataset(mixture, processor):
+    text = mixture.read_text().replace("template: chat_template", "template: vicuna_v1")
+    default = write_yaml(mixture.parent, text)
+    dataset, _ = build_datasets(default, processor)
+    assert load_mixture(default).system is None
+    without = mixture.parent / "no_system.yaml"
+    without.write_text(text + "\nsystem: ''\n")
+    assert load_mixture(without).system == ""
+    bare, _ = build_datasets(without, processor)
+    long_ids, short_ids = dataset[0]["input_ids"].tolist(), bare[0]["input_ids"].tolist()
+    system_ids = processor.tokenizer(VICUNA_V1_SYSTEM, add_special_tokens=False)["input_ids"]
+    assert len(long_ids) - len(short_ids) == len(system_ids)
+    assert long_ids[1 : 1 + len(system_ids)] == system_ids
+    assert short_ids[1:] == long_ids[1 + len(system_ids) :]

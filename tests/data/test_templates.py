@@ -59,6 +59,18 @@ def test_vicuna_v1_multi_turn_labels_token_by_token(processor):
     assert not enc.truncated
 
 
+@pytest.mark.parametrize("system", ["", "Answer briefly."])
+def test_vicuna_v1_system_prompt_can_be_replaced_or_dropped(processor, system):
+    enc = ConversationEncoder(processor, "vicuna_v1", system=system).encode(TURNS)
+    lead = processor.tokenizer.tokenize(system) if system else []
+    marked = _marked(processor, enc.input_ids, enc.labels)
+    assert marked[: len(lead) + 3] == ["<s>", *lead, "USER", ":"]
+    prompt = build_prompt_for_generation(TURNS[:1], processor, "vicuna_v1", system=system)
+    assert prompt.tolist() == enc.input_ids[: len(prompt)]
+    default = build_prompt_for_generation(TURNS[:1], processor, "vicuna_v1")
+    assert len(default) > len(prompt)  # LLaVA-1.5's long system prompt by default
+
+
 def test_chat_template_multi_turn_labels_token_by_token(processor):
     enc = encode_conversation(TURNS, processor, "chat_template")
     expected = (

@@ -311,6 +311,27 @@ def test_multi_turn_prompt_keeps_earlier_turns(world, base, monkeypatch) -> None
     assert "blue" not in first and first.rstrip().endswith("ASSISTANT:")
 
 
+def test_prompts_follow_the_mixture_system_prompt(world, base, monkeypatch) -> None:
+    model, processor = base
+    seen: list[str] = []
+
+    def capture(model, processor, batch_prompts, images, **kwargs):
+        seen.extend(processor.tokenizer.decode(p, skip_special_tokens=True) for p in batch_prompts)
+        return ["x"] * len(batch_prompts)
+
+    monkeypatch.setattr(gen, "generate_answers", capture)
+    source = world["text_mixture"]
+    for i, (system, start) in enumerate(
+        [(None, "A chat between a curious"), ("", "USER:"), ("Be brief.", "Be brief. USER:")]
+    ):
+        mixture = source.parent / f"system_{i}.yaml"  # next to the data: same relative paths
+        extra = "" if system is None else f"\nsystem: '{system}'\n"
+        mixture.write_text(source.read_text() + extra)
+        first = len(seen)
+        evaluate(mixture=mixture, model=model, processor=processor, progress=False)
+        assert seen[first].startswith(start), seen[first]
+
+
 def test_predict(world, base) -> None:
     answer = predict(world["tiny"], world["image"], "What colour is the shape?", max_new_tokens=4)
     assert isinstance(answer, str)

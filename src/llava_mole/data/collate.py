@@ -70,6 +70,7 @@ class InstructDataset(Dataset):
         domains: Domain names, defining ``domain_id`` (default: order of first appearance).
         max_image_pixels: Size limit for images opened in ``__getitem__``.
         max_replacement_tries: How many replacement items to try when an image fails.
+        system: ``vicuna_v1`` system prompt (None: LLaVA-1.5's; ``""``: none).
         strict: Raise `DataError` instead of dropping samples.
         pixel_cache_bytes: Keep processed images in memory up to this many bytes (per
             process), so that small datasets seen for several epochs skip decoding and
@@ -85,6 +86,7 @@ class InstructDataset(Dataset):
         image_mode: ImageMode | str = "pad",
         domains: Sequence[str] | None = None,
         *,
+        system: str | None = None,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         max_replacement_tries: int = 10,
         strict: bool = False,
@@ -107,7 +109,7 @@ class InstructDataset(Dataset):
         self.image_mode: ImageMode = image_mode  # type: ignore[assignment]
         self.max_image_pixels = max_image_pixels
         self.max_replacement_tries = max_replacement_tries
-        self.encoder = ConversationEncoder(processor, template, max_length)
+        self.encoder = ConversationEncoder(processor, template, max_length, system=system)
         self.report = LoadReport(per_domain={d: 0 for d in self.domains})
         self.image_failures: Counter[str] = Counter()
         self.pixel_cache_bytes = pixel_cache_bytes

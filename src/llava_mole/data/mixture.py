@@ -33,7 +33,7 @@ SELECT_MODES: tuple[str, ...] = ("first", "random")
 
 Take = Literal["all"] | int | float
 
-_TOP_KEYS = ("datasets", "seed", "template", "max_length", "image_mode", "strict")
+_TOP_KEYS = ("datasets", "seed", "template", "system", "max_length", "image_mode", "strict")
 _DATASET_KEYS = (
     "name",
     "domain",
@@ -86,6 +86,8 @@ class MixtureConfig:
         datasets: The datasets, in file order.
         seed: Seed of random selection.
         template: Prompt template (``vicuna_v1`` or ``chat_template``).
+        system: System prompt of ``vicuna_v1``; None: LLaVA-1.5's ("A chat between a curious
+            user..."), ``""``: none (e.g. for a model never trained with one).
         max_length: Truncation length in tokens.
         image_mode: ``pad`` or ``resize``.
         strict: Raise on any bad sample instead of skipping it.
@@ -95,6 +97,7 @@ class MixtureConfig:
     datasets: list[DatasetSpec]
     seed: int = 0
     template: str = "vicuna_v1"
+    system: str | None = None
     max_length: int = 2048
     image_mode: str = "pad"
     strict: bool = False
@@ -197,6 +200,12 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
         cfg.seed = int(data["seed"])
     if "template" in data:
         cfg.template = check.choice(data["template"], "template", TEMPLATES)
+    if "system" in data:
+        if not isinstance(data["system"], str):
+            raise check.fail("system", f"expected a string ('' for none), got {data['system']!r}")
+        if cfg.template != "vicuna_v1":
+            raise check.fail("system", "only the vicuna_v1 template takes a system prompt")
+        cfg.system = data["system"]
     if "max_length" in data:
         cfg.max_length = check.positive_int(data["max_length"], "max_length")
     if "image_mode" in data:
@@ -426,6 +435,7 @@ def build_datasets(
         samples,
         processor,
         template=cfg.template,
+        system=cfg.system,
         max_length=cfg.max_length,
         image_mode=cfg.image_mode,
         domains=cfg.domains,

@@ -163,7 +163,7 @@ class ConversationEncoder:
         processor: The model's processor (or a bare tokenizer for text-only use).
         template: ``vicuna_v1`` or ``chat_template``.
         max_length: Truncation length (None: no truncation).
-        system: System prompt of ``vicuna_v1``.
+        system: System prompt of ``vicuna_v1`` (None: LLaVA-1.5's; ``""``: none).
     """
 
     def __init__(
@@ -171,14 +171,14 @@ class ConversationEncoder:
         processor: Any,
         template: TemplateName | str = "vicuna_v1",
         max_length: int | None = None,
-        system: str = VICUNA_V1_SYSTEM,
+        system: str | None = None,
     ) -> None:
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
         self.processor = processor
         self.template = template
         self.max_length = max_length
-        self.system = system
+        self.system = VICUNA_V1_SYSTEM if system is None else system
         self.tokenizer = get_tokenizer(processor)
         self.eos_id: int | None = self.tokenizer.eos_token_id
         self.bos_id: int | None = self.tokenizer.bos_token_id
@@ -312,7 +312,7 @@ class ConversationEncoder:
         segments = [_Segment([self.bos_id] if self.bos_id is not None else [], False)]
         for i, (role, text) in enumerate(turns):
             if role == USER:
-                lead = f"{self.system} " if i == 0 else ""
+                lead = f"{self.system} " if i == 0 and self.system else ""
                 prompt = f"{lead}{user}: {text} {assistant}:"
                 segments.append(_Segment(self._encode_with_image(prompt, IMAGE_PLACEHOLDER), False))
             else:
@@ -457,6 +457,7 @@ def build_prompt_for_generation(
     question_turns: Sequence[tuple[str, str]] | str,
     processor: Any,
     template: TemplateName | str = "vicuna_v1",
+    system: str | None = None,
 ) -> torch.Tensor:
     """Builds the input ids of a generation prompt, ending with the assistant prefix.
 
@@ -465,11 +466,12 @@ def build_prompt_for_generation(
             allowed), or a single question string. ``<image>`` is expanded to image tokens.
         processor: The model's processor.
         template: ``vicuna_v1`` or ``chat_template``.
+        system: ``vicuna_v1`` system prompt (None: LLaVA-1.5's; ``""``: none).
 
     Returns:
         A 1-D LongTensor of input ids (no labels); add a batch dimension for ``generate``.
     """
     if isinstance(question_turns, str):
         question_turns = [(USER, question_turns)]
-    ids = ConversationEncoder(processor, template).prompt(question_turns)
+    ids = ConversationEncoder(processor, template, system=system).prompt(question_turns)
     return torch.tensor(ids, dtype=torch.long)

@@ -492,7 +492,8 @@ def evaluate(
         model_dir, model, processor, adapter_dir, dtype, device, trust_remote_code
     )
     state = get_state(model) if routing else None
-    encoder = ConversationEncoder(processor, cfg.template)  # one encoder: same ids as training
+    # One encoder, configured as training's: the same ids.
+    encoder = ConversationEncoder(processor, cfg.template, system=cfg.system)
     items = _prepare(samples, encoder, state is not None, skipped)
     domains = [d for d in cfg.domains if any(it.sample.domain == d for it in items)]
     domain_index = {d: i for i, d in enumerate(domains)}
@@ -603,6 +604,7 @@ def predict(
     template: str | None = None,
     max_new_tokens: int = 32,
     *,
+    system: str | None = None,
     image_mode: str = "pad",
     model: nn.Module | None = None,
     processor: Any = None,
@@ -620,6 +622,8 @@ def predict(
         adapter_dir: Adapter directory, or None.
         template: ``vicuna_v1`` (default) or ``chat_template``.
         max_new_tokens: Maximum answer length in tokens.
+        system: ``vicuna_v1`` system prompt, as in the training mixture's ``system`` (None:
+            LLaVA-1.5's; ``""``: none).
         image_mode: ``pad`` or ``resize``.
         model: An already loaded model (with `processor`).
         processor: Its processor.
@@ -651,7 +655,7 @@ def predict(
     model, processor, owned = _acquire(
         model_dir, model, processor, adapter_dir, dtype, device, trust_remote_code
     )
-    prompt = build_prompt_for_generation([(USER, question)], processor, template)
+    prompt = build_prompt_for_generation([(USER, question)], processor, template, system)
     with _inference(model, owned):
         (answer,) = generate_answers(
             model,
