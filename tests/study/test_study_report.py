@@ -161,7 +161,9 @@ def _fake_records(domains: list[str], seeds: list[int]) -> list[dict]:
                                 "block": b,
                                 "domain": d,
                                 "text": [0.4, 0.3, 0.3],
-                                "image": [1.0 if k == i else 0.0 for k in range(3)],
+                                # Each domain has its own expert, under a seed-dependent
+                                # numbering (expert labels are arbitrary per run).
+                                "image": [1.0 if k == (i + seed) % 3 else 0.0 for k in range(3)],
                                 "text_tokens": 100,
                                 "image_tokens": 64,
                             }
@@ -226,7 +228,15 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
     assert results["verdict"]["mitigated_domains"] == domains
     routing = results["routing"]["mix_mole"]
     assert routing["seeds"] == 3 and len(routing["blocks"]) == 12
+    # Separation within each seed (1.0), not of shares averaged over seeds (which would be 0).
     assert routing["separation"][0]["image"] == pytest.approx(1.0)
+    assert routing["separation_per_seed"][0]["image"] == pytest.approx([1.0, 1.0, 1.0])
+    assert routing["shown_seed"] == 0
+    assert [b["image"] for b in routing["blocks"] if b["block"] == 0] == [
+        [1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 0.0, 1.0],
+    ]
     assert routing["separation"][0]["text"] == pytest.approx(0.0)
     assert results["still_improving"]  # 3/s is still falling fast at step 20
 

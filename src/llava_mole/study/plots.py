@@ -140,7 +140,8 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
     columns = layers (MoLE blocks).
 
     Each panel has one stacked bar per domain: the share of that domain's tokens sent to each
-    expert (mean over seeds).
+    expert, in one run (the first seed's: expert numbers are arbitrary per run, so shares are
+    not averaged over seeds).
 
     Args:
         results: the study results (``routing``).
@@ -195,7 +196,7 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
                 label = "answer positions" if kind == "answer" else f"{kind} tokens"
                 ax.set_ylabel(f"{label}\nexpert share")
     fig.suptitle(
-        f"Expert load per layer and domain ({setting}, mean over {picture['seeds']} seed(s))"
+        f"Expert load per layer and domain ({setting}, seed {picture.get('shown_seed', 0)})"
     )
     fig.legend(loc="outside lower center", fontsize=8, ncols=min(experts, 6))
     return _save(fig, Path(path))

@@ -441,56 +441,67 @@ def verdict(
 PICTURE_KINDS = ("text", "image", "answer")
 
 
-def _routing_mean(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Mean routing picture over seeds (shares averaged where present, tokens summed)."""
-    pictures = [e for e in evals if e]
+def _separation(blocks: list[dict[str, Any]], block: int, kind: str) -> float | None:
+    """Mean pairwise total-variation distance of the domains' expert shares in one block."""
+    rows = [b[kind] for b in blocks if b["block"] == block and b.get(kind) is not None]
+    pairs = [
+        0.5 * sum(abs(x - y) for x, y in zip(p, q))
+        for i, p in enumerate(rows)
+        for q in rows[i + 1 :]
+    ]
+    return statistics.fmean(pairs) if pairs else None
+
+
+def _routing_summary(evals: list[tuple[int, dict[str, Any] | None]]) -> dict[str, Any] | None:
+    """The routing picture of one MoLE setting over its seeds.
+
+    Expert numbering is arbitrary in each run (expert 0 of one seed has nothing to do with
+    expert 0 of another), so shares are never averaged over seeds: the cells show the first
+    seed's routing, and the separation is computed within each seed, then averaged.
+
+    Args:
+        evals: ``(seed, routing statistics or None)`` of each run of the setting.
+    """
+    pictures = sorted(((seed, e) for seed, e in evals if e), key=lambda item: item[0])
     if not pictures:
         return None
-    experts = pictures[0]["experts"]
-    cells: dict[tuple[int, str], dict[str, Any]] = {}
-    for picture in pictures:
-        for entry in picture["blocks"]:
-            key = (entry["block"], entry["domain"])
-            cell = cells.setdefault(
-                key, {**{k: [] for k in PICTURE_KINDS}, **{f"{k}_tokens": 0 for k in PICTURE_KINDS}}
-            )
-            for kind in PICTURE_KINDS:
-                if entry.get(kind) is not None:
-                    cell[kind].append(entry[kind])
-                cell[f"{kind}_tokens"] += entry.get(f"{kind}_tokens", 0)
-    domains = list(dict.fromkeys(d for p in pictures for d in p["domains"]))
+    shown_seed, shown = pictures[0]
+    experts = shown["experts"]
     blocks = []
-    for (block, domain), cell in sorted(
-        cells.items(), key=lambda kv: (kv[0][0], domains.index(kv[0][1]))
+    for entry in sorted(
+        shown["blocks"], key=lambda b: (b["block"], shown["domains"].index(b["domain"]))
     ):
-        entry: dict[str, Any] = {"block": block, "domain": domain}
-        for kind in PICTURE_KINDS:
-            shares = cell[kind]
-            entry[kind] = (
-                [statistics.fmean(s[k] for s in shares) for k in range(experts)] if shares else None
-            )
-            entry[f"{kind}_tokens"] = cell[f"{kind}_tokens"]
-        blocks.append(entry)
+        blocks.append(
+            {
+                "block": entry["block"],
+                "domain": entry["domain"],
+                **{kind: entry.get(kind) for kind in PICTURE_KINDS},
+                **{f"{k}_tokens": entry.get(f"{k}_tokens", 0) for k in PICTURE_KINDS},
+            }
+        )
     separation = []
+    per_seed = []
     for block in sorted({b["block"] for b in blocks}):
         row: dict[str, Any] = {"block": block}
+        seed_row: dict[str, Any] = {"block": block}
         for kind in PICTURE_KINDS:
-            rows = [b[kind] for b in blocks if b["block"] == block and b[kind] is not None]
-            pairs = [
-                0.5 * sum(abs(x - y) for x, y in zip(p, q))
-                for i, p in enumerate(rows)
-                for q in rows[i + 1 :]
-            ]
-            row[kind] = statistics.fmean(pairs) if pairs else None
+            values = [_separation(p["blocks"], block, kind) for _, p in pictures]
+            values = [v for v in values if v is not None]
+            row[kind] = statistics.fmean(values) if values else None
+            seed_row[kind] = values or None
         separation.append(row)
+        per_seed.append(seed_row)
     return {
         "experts": experts,
-        "domains": domains,
+        "domains": list(shown["domains"]),
         "seeds": len(pictures),
+        "shown_seed": shown_seed,
         "blocks": blocks,
-        # Mean pairwise total-variation distance of the domains' expert shares per block:
-        # 0 = every domain uses the experts alike, 1 = domains use disjoint experts.
+        # Mean over seeds of each seed's mean pairwise total-variation distance between the
+        # domains' expert shares per block: 0 = every domain uses the experts alike, 1 = domains
+        # use disjoint experts.
         "separation": separation,
+        "separation_per_seed": per_seed,
     }
 
 
@@ -634,7 +645,9 @@ def build_results(study: StudyConfig, records: list[dict[str, Any]]) -> dict[str
             r for r in records if r["setting"] == setting and r["adapter"]["type"] == "mole"
         ]
         if mole_runs:
-            routing[setting] = _routing_mean([r["eval"].get("routing") for r in mole_runs])
+            routing[setting] = _routing_summary(
+                [(r["seed"], r["eval"].get("routing")) for r in mole_runs]
+            )
 
     still = [r["id"] for r in runs if r["converged"] is False]
     results: dict[str, Any] = {
@@ -745,13 +758,16 @@ def _routing_section(results: dict[str, Any]) -> list[str]:
         if picture is None:
             out += [f"{setting}: no routing statistics recorded.", ""]
             continue
+        shown = picture.get("shown_seed")
         out += [
-            f"**{setting}** (mean over {picture['seeds']} seed(s), {picture['experts']} experts). "
-            "Cells: the expert most used by the domain's tokens and its share. Token kinds: image, "
+            f"**{setting}** ({picture['experts']} experts). Cells: the expert most used by the "
+            f"domain's tokens and its share, in the run with seed {shown} (expert numbers are "
+            "arbitrary in each run, so shares are not averaged over seeds). Token kinds: image, "
             "text (all text tokens) and answer (the text positions that predict the reference "
             "answer, where the domain-specific mapping is produced). *Separation*: mean "
             "pairwise total-variation distance between the domains' expert shares (0 = all "
-            "domains routed alike, 1 = disjoint experts).",
+            "domains routed alike, 1 = disjoint experts), computed in each run and averaged "
+            f"over the {picture['seeds']} seed(s).",
             "",
             "| block | tokens | " + " | ".join(picture["domains"]) + " | separation |",
             "|---|---|" + "---|" * len(picture["domains"]) + "---:|",
