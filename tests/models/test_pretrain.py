@@ -75,3 +75,25 @@ def test_pretraining_is_deterministic() -> None:
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+def test_pretraining_runs_on_a_fixed_thread_count(tmp_path: Path, monkeypatch) -> None:
+    """The build must not depend on the machine's core count (reductions split by thread)."""
+    seen: list[int] = []
+    real = pretrain.pretrain_captions
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setenv("LLAVA_MOLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pretrain, "pretrain_captions", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tiny.make_tiny(tmp_path / "m", seed=1, pretrain_steps=2, progress=False)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [tiny.PRETRAIN_THREADS]
+    assert json.loads((out / tiny.MARKER_FILE).read_text())["pretrain_threads"] == 2
