@@ -94,3 +94,17 @@ def test_lora_linear_under_bf16_autocast_matches_float32():
     assert y.dtype == torch.bfloat16
     ref = layer(x)
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_lora_linear_trains_when_the_input_needs_no_gradient():
+    """First-layer case: frozen embeddings give an input without grad; the in-place add must
+    still put the adapter into the graph."""
+    layer = _random_lora(nn.Linear(12, 9))
+    x = torch.randn(5, 12)
+    dy = torch.randn(5, 9)
+    y = layer(x)
+    assert y.requires_grad
+    y.backward(dy)
+    _, _, ref_ga, ref_gb = _reference(layer, x, dy)
+    torch.testing.assert_close(layer.lora_A.grad.double(), ref_ga, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), ref_gb, rtol=1e-5, atol=1e-5)
