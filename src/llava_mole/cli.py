@@ -247,12 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None)
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--template", default=None, help="vicuna_v1 (default) or chat_template")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="vicuna_v1 or chat_template (default: the adapter's training format, else vicuna_v1)",
+    )
     p.add_argument(
         "--system",
         default=None,
-        help="vicuna_v1 system prompt, as in the training mixture ('' for none; "
-        "default: LLaVA-1.5's)",
+        help="vicuna_v1 system prompt ('' for none; default: the one the adapter was trained "
+        "with, else LLaVA-1.5's)",
     )
 
     p = add(

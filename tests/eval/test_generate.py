@@ -350,6 +350,30 @@ def test_predict(world, base) -> None:
     assert isinstance(text, str)
 
 
+def test_predict_uses_the_prompt_format_the_adapter_was_trained_with(world, monkeypatch) -> None:
+    model, processor = load_model_and_processor(world["tiny"])
+    apply_mole(model, MoLEConfig(rank=2, alpha=4, num_experts=2, dropout=0.0))
+    trained = save_adapter(
+        model,
+        world["root"] / "adapter_nosys",
+        extra={"prompt": {"template": "vicuna_v1", "system": ""}},
+    )
+    seen: list[str] = []
+
+    def capture(model, processor, batch_prompts, images, **kwargs):
+        seen.extend(processor.tokenizer.decode(p, skip_special_tokens=True) for p in batch_prompts)
+        return ["x"] * len(batch_prompts)
+
+    monkeypatch.setattr(gen, "generate_answers", capture)
+    kwargs = {"question": "Name a colour.", "model": model, "processor": processor}
+    predict(adapter_dir=trained, **kwargs)
+    predict(adapter_dir=trained, system="Be brief.", **kwargs)  # an explicit choice wins
+    predict(**kwargs)  # no adapter: LLaVA-1.5's default
+    assert seen[0].startswith("USER: Name a colour.")
+    assert seen[1].startswith("Be brief. USER:")
+    assert seen[2].startswith("A chat between a curious")
+
+
 def test_predict_and_generate_errors(world, base) -> None:
     missing = world["root"] / "nowhere" / "missing.png"
     with pytest.raises(ValueError, match=str(missing)):

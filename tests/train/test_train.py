@@ -71,6 +71,10 @@ def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
         assert (full / name).is_file(), name
     summary = json.loads((full / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["tokens_per_s"] > 0
+    # The prompt format travels with the adapter (the synthetic world has no system prompt).
+    for adapter in (full, full / "checkpoint-6"):
+        extra = json.loads((adapter / "adapter_config.json").read_text())["extra"]
+        assert extra["prompt"] == {"template": "vicuna_v1", "system": ""}, adapter
     assert set(summary["final"]) >= {
         "lm_loss",
         "balance_loss",

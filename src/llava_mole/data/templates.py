@@ -453,6 +453,16 @@ def encode_conversation(
     return ConversationEncoder(processor, template, max_length).encode(turns)
 
 
+def prompt_format(template: str, system: str | None) -> dict[str, Any]:
+    """JSON record of a prompt format, stored with trained adapters (``extra.prompt``).
+
+    Args:
+        template: ``vicuna_v1`` or ``chat_template``.
+        system: the ``vicuna_v1`` system prompt used (ignored for ``chat_template``).
+    """
+    return {"template": template, "system": system if template == "vicuna_v1" else None}
+
+
 def build_prompt_for_generation(
     question_turns: Sequence[tuple[str, str]] | str,
     processor: Any,

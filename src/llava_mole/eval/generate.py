@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llava_mole.adapters.inject import merge_lora, unmerge_lora
-from llava_mole.adapters.io import atomic_write_bytes, load_adapter
+from llava_mole.adapters.io import atomic_write_bytes, load_adapter, read_adapter_config
 from llava_mole.adapters.state import TOKEN_KINDS, get_state, routing_stats, set_token_tags
 from llava_mole.data.formats import ASSISTANT, IMAGE_PLACEHOLDER, USER, Sample
 from llava_mole.data.images import IMAGE_MODES, ImageLoadError, load_image, pixel_values
@@ -596,6 +596,15 @@ def _open_image(image: PathLike | Image.Image) -> Image.Image:
         raise ValueError(f"cannot use image {path}: {err}") from None
 
 
+def _trained_prompt_format(adapter_dir: PathLike | None) -> dict[str, Any]:
+    """The prompt format an adapter was trained with (empty if unknown or no adapter)."""
+    if adapter_dir is None:
+        return {}
+    _, payload = read_adapter_config(adapter_dir)
+    prompt = (payload.get("extra") or {}).get("prompt")
+    return prompt if isinstance(prompt, dict) else {}
+
+
 def predict(
     model_dir: PathLike | None = None,
     image: PathLike | Image.Image | None = None,
@@ -620,10 +629,11 @@ def predict(
             unless the question already contains it. None: text-only.
         question: The question.
         adapter_dir: Adapter directory, or None.
-        template: ``vicuna_v1`` (default) or ``chat_template``.
+        template: ``vicuna_v1`` or ``chat_template``; None: the one the adapter was trained
+            with (recorded in its ``adapter_config.json``), else ``vicuna_v1``.
         max_new_tokens: Maximum answer length in tokens.
-        system: ``vicuna_v1`` system prompt, as in the training mixture's ``system`` (None:
-            LLaVA-1.5's; ``""``: none).
+        system: ``vicuna_v1`` system prompt, as in the training mixture's ``system``; None: the
+            one the adapter was trained with, else LLaVA-1.5's; ``""``: none.
         image_mode: ``pad`` or ``resize``.
         model: An already loaded model (with `processor`).
         processor: Its processor.
@@ -640,7 +650,10 @@ def predict(
     """
     if not question.strip():
         raise ValueError("question is empty")
-    template = template or "vicuna_v1"
+    trained = _trained_prompt_format(adapter_dir)
+    template = template or trained.get("template") or "vicuna_v1"
+    if system is None and template == trained.get("template"):
+        system = trained.get("system")
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     if image_mode not in IMAGE_MODES:

@@ -30,6 +30,7 @@ from ..adapters.io import atomic_write_bytes
 from ..adapters.mole import MoLEMLP
 from ..data.collate import DataCollator, ModalityLengthGroupedSampler
 from ..data.mixture import build_datasets
+from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
 from .config import ConfigError, TrainConfig, load_train_config
@@ -250,6 +251,8 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         router_lr=config.train.router_lr,
         nan_policy=config.train.nan_policy,
         log_domain_loss=config.train.log_domain_loss,
+        # The prompt format the adapter was trained with, so that `predict` can use it.
+        adapter_extra={"prompt": prompt_format(dataset.template, dataset.encoder.system)},
         callbacks=[JsonlLogger(out / "logs.jsonl"), monitor, stopper],
     )
     if config.data.group_by_length:

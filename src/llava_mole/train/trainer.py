@@ -75,9 +75,11 @@ class MoLETrainer(Trainer):
         router_lr: float | None = None,
         nan_policy: str = "stop",
         log_domain_loss: bool = True,
+        adapter_extra: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.adapter_extra = adapter_extra
         self.domains = list(domains or [])
         self.projector_lr = projector_lr
         self.router_lr = router_lr
@@ -232,11 +234,14 @@ class MoLETrainer(Trainer):
             )
             if self.args.should_save:
                 _save_from_state_dict(
-                    self.accelerator.unwrap_model(self.model), state_dict, output_dir
+                    self.accelerator.unwrap_model(self.model),
+                    state_dict,
+                    output_dir,
+                    self.adapter_extra,
                 )
             return
         if self.args.should_save:
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir, self.adapter_extra)
 
     def _save_checkpoint(self, model, trial) -> None:
         # The stock version writes straight into checkpoint-N; write to a temporary name and
@@ -304,14 +309,16 @@ class _GradientGuard(TrainerCallback):
         return control
 
 
-def _save_from_state_dict(model: torch.nn.Module, state_dict: dict, output_dir: str) -> None:
+def _save_from_state_dict(
+    model: torch.nn.Module, state_dict: dict, output_dir: str, extra: dict | None = None
+) -> None:
     info = adapter_info(model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in info.trainable:
             if name in state_dict and state_dict[name].shape == params[name].shape:
                 params[name].data = state_dict[name].to(params[name].device, params[name].dtype)
-    save_adapter(model, output_dir)
+    save_adapter(model, output_dir, extra)
 
 
 def _fsync_tree(root: Path) -> None:
