@@ -37,4 +37,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path, capsys):
     assert set(results["domains"]) == {"general", "document", "biomedical"}
     report = (study / "report.md").read_text()
     assert "Verdict" in report and "mix_mole" in report
-    assert "[demo] done" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[demo] done" in printed
+    assert "[study] verdict" in printed
+    assert all(f"  - {line}" in printed for line in results["verdict"]["lines"])

@@ -987,5 +987,8 @@ def run_study(
     atomic_write_bytes(out / "report.md", render_report(results).encode("utf-8"))
     if progress:
         print(results["table"], flush=True)
+        print("[study] verdict (rules and details in the report):", flush=True)
+        for line in results["verdict"]["lines"]:
+            print(f"  - {line}", flush=True)
         print(f"[study] report: {out / 'report.md'}", flush=True)
     return results
