@@ -88,3 +88,27 @@ def test_triton_inference_path_matches_dense_and_reference(dtype):
 def test_triton_inference_path_is_cuda_graph_capturable():
     pytest.importorskip("triton")
     test_generation_forward_is_cuda_graph_capturable("triton")
+
+
+def test_lora_expand_add_under_bf16_autocast_matches_float32():
+    """The trainer's bf16 mode: float32 weights, autocast math; LoRA's in-place expand-add."""
+    from torch import nn
+
+    from llava_mole.adapters.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 176), 8, 16.0, 0.0).cuda()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 32, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    grads = [layer.lora_A.grad.clone(), layer.lora_B.grad.clone()]
+    layer.zero_grad()
+    ref = layer(x)
+    ref.sum().backward()
+    assert rel_err(y.float(), ref) <= 2e-2
+    for got, want in zip(grads, (layer.lora_A.grad, layer.lora_B.grad)):
+        assert rel_err(got, want) <= 3e-2
