@@ -60,6 +60,10 @@ def test_add_expand_accumulates_in_place_and_falls_back_out_of_place():
     torch.testing.assert_close(out, expected)
     y2 = y.clone()
     assert add_expand_(y2, h, b).data_ptr() == y2.data_ptr()  # no new (N, out) tensor
+    y4 = y.clone()
+    kept = add_expand_(y4, h, b, in_place=False)  # a base layer that may need its output
+    torch.testing.assert_close(kept, expected)
+    torch.testing.assert_close(y4, y)
     # A 3-D or differently typed base output is never written: the sum is a new tensor.
     y3 = y.clone().view(2, 3, 5)
     out3 = add_expand_(y3, h.view(2, 3, 2), b)

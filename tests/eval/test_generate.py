@@ -296,8 +296,9 @@ def test_scoring_plumbing_with_perfect_answers(world, base, monkeypatch) -> None
     assert len(prompts) == len(samples)
 
 
-def test_multi_turn_prompt_keeps_earlier_turns(world, base, monkeypatch) -> None:
-    model, processor = base
+@pytest.fixture
+def seen_prompts(monkeypatch) -> list[str]:
+    """Decoded prompts that reach generation (generation itself replaced by a stub answer)."""
     seen: list[str] = []
 
     def capture(model, processor, batch_prompts, images, **kwargs):
@@ -305,21 +306,19 @@ def test_multi_turn_prompt_keeps_earlier_turns(world, base, monkeypatch) -> None
         return ["x"] * len(batch_prompts)
 
     monkeypatch.setattr(gen, "generate_answers", capture)
+    return seen
+
+
+def test_multi_turn_prompt_keeps_earlier_turns(world, base, seen_prompts) -> None:
+    model, processor = base
     evaluate(mixture=world["text_mixture"], model=model, processor=processor, progress=False)
-    first = seen[0]
+    first = seen_prompts[0]
     assert "Name a colour." in first and "red" in first and "Name another one." in first
     assert "blue" not in first and first.rstrip().endswith("ASSISTANT:")
 
 
-def test_prompts_follow_the_mixture_system_prompt(world, base, monkeypatch) -> None:
+def test_prompts_follow_the_mixture_system_prompt(world, base, seen_prompts) -> None:
     model, processor = base
-    seen: list[str] = []
-
-    def capture(model, processor, batch_prompts, images, **kwargs):
-        seen.extend(processor.tokenizer.decode(p, skip_special_tokens=True) for p in batch_prompts)
-        return ["x"] * len(batch_prompts)
-
-    monkeypatch.setattr(gen, "generate_answers", capture)
     source = world["text_mixture"]
     for i, (system, start) in enumerate(
         [(None, "A chat between a curious"), ("", "USER:"), ("Be brief.", "Be brief. USER:")]
@@ -327,9 +326,9 @@ def test_prompts_follow_the_mixture_system_prompt(world, base, monkeypatch) -> N
         mixture = source.parent / f"system_{i}.yaml"  # next to the data: same relative paths
         extra = "" if system is None else f"\nsystem: '{system}'\n"
         mixture.write_text(source.read_text() + extra)
-        first = len(seen)
+        first = len(seen_prompts)
         evaluate(mixture=mixture, model=model, processor=processor, progress=False)
-        assert seen[first].startswith(start), seen[first]
+        assert seen_prompts[first].startswith(start), seen_prompts[first]
 
 
 def test_predict(world, base) -> None:
@@ -350,7 +349,7 @@ def test_predict(world, base) -> None:
     assert isinstance(text, str)
 
 
-def test_predict_uses_the_prompt_format_the_adapter_was_trained_with(world, monkeypatch) -> None:
+def test_predict_uses_the_prompt_format_the_adapter_was_trained_with(world, seen_prompts) -> None:
     model, processor = load_model_and_processor(world["tiny"])
     apply_mole(model, MoLEConfig(rank=2, alpha=4, num_experts=2, dropout=0.0))
     trained = save_adapter(
@@ -358,20 +357,13 @@ def test_predict_uses_the_prompt_format_the_adapter_was_trained_with(world, monk
         world["root"] / "adapter_nosys",
         extra={"prompt": {"template": "vicuna_v1", "system": ""}},
     )
-    seen: list[str] = []
-
-    def capture(model, processor, batch_prompts, images, **kwargs):
-        seen.extend(processor.tokenizer.decode(p, skip_special_tokens=True) for p in batch_prompts)
-        return ["x"] * len(batch_prompts)
-
-    monkeypatch.setattr(gen, "generate_answers", capture)
     kwargs = {"question": "Name a colour.", "model": model, "processor": processor}
     predict(adapter_dir=trained, **kwargs)
     predict(adapter_dir=trained, system="Be brief.", **kwargs)  # an explicit choice wins
     predict(**kwargs)  # no adapter: LLaVA-1.5's default
-    assert seen[0].startswith("USER: Name a colour.")
-    assert seen[1].startswith("Be brief. USER:")
-    assert seen[2].startswith("A chat between a curious")
+    assert seen_prompts[0].startswith("USER: Name a colour.")
+    assert seen_prompts[1].startswith("Be brief. USER:")
+    assert seen_prompts[2].startswith("A chat between a curious")
 
 
 def test_predict_and_generate_errors(world, base) -> None:

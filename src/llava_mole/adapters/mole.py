@@ -129,19 +129,14 @@ class MoLEMLP(nn.Module):
             out = self._forward_grouped(flat, routing, path)
         return out.view(*shape[:-1], -1)
 
-    def _add_delta(self, y: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``y + h B^T`` (the expand of rank-r activations ``h``) for a base output ``y``."""
-        if self._fuse:
-            return add_expand_(y, h, b)
-        return y + torch.nn.functional.linear(h, b).to(y.dtype)
-
     def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
         # Same operations, in the same order, as LoRALinear on each projection.
         def proj(name: str, h: torch.Tensor) -> torch.Tensor:
             y = getattr(self, name)(h)
             if name in self.lora_A:
                 a, b = self.lora_A[name][0], self.lora_B[name][0]
-                y = self._add_delta(y, lora_shrink(self.dropout(h), a, self.scaling), b)
+                h_a = lora_shrink(self.dropout(h), a, self.scaling)
+                y = add_expand_(y, h_a, b, in_place=self._fuse)
             return y
 
         h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
@@ -157,7 +152,7 @@ class MoLEMLP(nn.Module):
             y = getattr(self, name)(h)
             if name in self.lora_A:
                 shrunk, b_cat = dense_shrink(h_drop, self.lora_A[name], self.lora_B[name], gate)
-                y = self._add_delta(y, shrunk, b_cat)
+                y = add_expand_(y, shrunk, b_cat, in_place=self._fuse)
             return y
 
         x_drop = self.dropout(x)
