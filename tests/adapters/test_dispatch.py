@@ -121,6 +121,25 @@ def test_gate_weighting_none_matches_reference(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_dense_routing_is_the_probability_weighted_sum_of_all_experts(path):
+    """``set_dense_routing``: in training, exactly a top-K block; in eval, top-1 again."""
+    block = make_block(dispatch=path)
+    every_expert = make_block(dispatch=path, top_k=4)  # same seed: same weights
+    x = torch.randn(40, 24)
+    block.state.dense_routing = True
+    block.train()
+    out = block(x)
+    assert torch.allclose(out, every_expert(x), atol=1e-6)
+    block.top_k = 4  # the float64 reference of every expert weighted by p (sum p = 1)
+    check_against_reference(block, x)
+    block.top_k = 1
+    block.eval()
+    ref_top1 = naive_reference(block, x)
+    assert rel_err(block(x), ref_top1) <= 1e-5
+    assert rel_err(out, ref_top1) > 1e-3  # the two phases really differ
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_all_tokens_to_one_expert_and_empty_experts(path):
     block = make_block(dispatch=path, k=5)
     with torch.no_grad():

@@ -253,6 +253,13 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         "## Convergence",
         "![routing](routing.png)",
         "| 0 | image | E0 100% | E1 100% | E2 100% | 1.00 |",
+        "- MoLE routing: top-1 from the first step (the paper's recipe)",
     ):
         assert part in report, part
     json.dumps(results)  # JSON-serialisable as written to results.json
+
+    # A study whose MoLE runs started with dense routing says so in its setup.
+    study.train["router_dense_warmup"] = 0.2
+    report = render_report(build_results(study, _fake_records(domains, [0, 1, 2])))
+    assert "dense (every expert, weighted by its router probability) for the first 20%" in report
+    assert "(`train.router_dense_warmup = 0.2`)" in report

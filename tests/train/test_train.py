@@ -57,8 +57,10 @@ def test_config_errors_name_the_key(tiny_world, tmp_path):
 
 
 def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
+    # Dense routing for steps 0-2: the resumed half must continue from step 3 in top-1 routing.
+    dense = {"router_dense_warmup": 0.5}
     full = tmp_path / "full"
-    result = train(load_train_config(None, base_overrides(tiny_world, full, save_steps=3)))
+    result = train(load_train_config(None, base_overrides(tiny_world, full, save_steps=3, **dense)))
     assert result.completed
     for name in (
         "adapter_config.json",
@@ -84,11 +86,13 @@ def test_run_outputs_and_exact_resume(tiny_world, tmp_path):
 
     half = tmp_path / "half"
     first = train(
-        load_train_config(None, base_overrides(tiny_world, half, save_steps=3, stop_after_steps=3))
+        load_train_config(
+            None, base_overrides(tiny_world, half, save_steps=3, stop_after_steps=3, **dense)
+        )
     )
     assert not first.completed and not (half / "adapter_model.safetensors").exists()
     assert (half / "checkpoint-3").is_dir()
-    second = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3)))
+    second = train(load_train_config(None, base_overrides(tiny_world, half, save_steps=3, **dense)))
     assert second.completed and second.summary["resumed_from"].endswith("checkpoint-3")
 
     a = load_file(str(full / "adapter_model.safetensors"))
@@ -213,3 +217,30 @@ def test_exponent_literals_without_a_dot_are_numbers(tiny_world, tmp_path):
     assert cfg.train.router_lr == 5e-4 and cfg.train.learning_rate == 1e-3
     with pytest.raises(ConfigError, match="train.router_lr: expected a number"):
         load_train_config(None, overrides + ["train.router_lr=fast"])
+
+
+def test_router_dense_warmup_routes_densely_for_the_first_steps(tiny_world, tmp_path, monkeypatch):
+    from llava_mole.adapters.mole import MoLEMLP
+
+    seen: list[int] = []  # experts per token of each training forward of block 0
+    original = MoLEMLP.route
+
+    def spy(self, flat, top_k=None):
+        logits, routing = original(self, flat, top_k)
+        if self.block_index == 0 and self.training:
+            seen.append(routing.experts.shape[-1])
+        return logits, routing
+
+    monkeypatch.setattr(MoLEMLP, "route", spy)
+    overrides = base_overrides(tiny_world, tmp_path / "dense", max_steps=4, router_dense_warmup=0.5)
+    assert train(load_train_config(None, overrides)).completed
+    assert seen == [3, 3, 1, 1]
+
+
+def test_router_dense_warmup_errors(tiny_world, tmp_path):
+    overrides = base_overrides(tiny_world, tmp_path)
+    with pytest.raises(ConfigError, match=r"train.router_dense_warmup: must be in \[0, 1\]"):
+        load_train_config(None, overrides + ["train.router_dense_warmup=1.5"]).validate()
+    bad = overrides + ["train.router_dense_warmup=0.2", "adapter.gate_weighting=none"]
+    with pytest.raises(ConfigError, match="needs adapter.gate_weighting='prob'"):
+        load_train_config(None, bad).validate()

@@ -10,6 +10,7 @@ from .state import (
     mole_aux_loss,
     routing_stats,
     routing_summary,
+    set_dense_routing,
     set_token_tags,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "routing_stats",
     "routing_summary",
     "save_adapter",
+    "set_dense_routing",
     "set_token_tags",
     "unmerge_lora",
 ]

@@ -100,27 +100,31 @@ class MoLEMLP(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def route(self, flat: torch.Tensor):
+    def route(self, flat: torch.Tensor, top_k: int | None = None):
         """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
             if isinstance(self.router, nn.Linear):
                 logits = router_logits(flat, self.router.weight)
             else:  # a user-supplied router module
                 logits = self.router(flat.float()).float()
-        return logits, route(logits, self.top_k, self.gate_weighting, self.normalize_top_k)
+        top_k = self.top_k if top_k is None else top_k
+        return logits, route(logits, top_k, self.gate_weighting, self.normalize_top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.router is None:
             return self._forward_single(flat).view(*shape[:-1], -1)
-        logits, routing = self.route(flat)
+        top_k = self.top_k
+        if self.training and self.state is not None and self.state.dense_routing:
+            top_k = self.num_experts  # dense warmup: every expert, weighted by its probability
+        logits, routing = self.route(flat, top_k)
         if self.state is not None:
             self.state.record(self.block_index, logits, routing, tuple(shape[:-1]))
         requested = self.dispatch
         if requested == "triton" and self.training and isinstance(self.dropout, nn.Dropout):
             requested = "auto"  # the kernels apply no dropout
-        path = choose_path(requested, flat, self.num_experts, self.rank, self.top_k)
+        path = choose_path(requested, flat, self.num_experts, self.rank, top_k)
         if path == "triton":
             out = self._forward_triton(flat, routing)
         elif path == "dense":

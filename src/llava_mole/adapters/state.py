@@ -48,6 +48,7 @@ class MoLEState:
         self.answer_mask: torch.Tensor | None = None
         self.num_domains = 1
         self.collect_stats = False
+        self.dense_routing = False
         self.stats: dict[int, torch.Tensor] = {}
         self.begin_forward(None, None)
 
@@ -231,6 +232,25 @@ def set_token_tags(
     state.domain_ids = domain_ids
     state.num_domains = max(int(num_domains), 1)
     state.answer_mask = answer_mask
+
+
+def set_dense_routing(model: nn.Module, enabled: bool) -> None:
+    """Switch the MoLE blocks of ``model`` between top-k and dense routing (training only).
+
+    Dense routing sends every token to all ``K`` experts, each weighted by its router
+    probability: ``P(h) + sum_k p_k (alpha / r) B_P^k A_P^k h``. The router's LM gradient is then
+    ``dL/dz_k = p_k (s_k - sum_j p_j s_j)`` with ``s_k = <dL/dy, delta_k>``: it compares every
+    expert with the mixture, where top-1 only reinforces or weakens the expert already chosen
+    (the dense-to-sparse gate of EvoMoE, arXiv 2112.14397). The balance loss has no gradient
+    in this phase (every expert's load is ``1/K``). Blocks in eval mode always route top-k.
+
+    Args:
+        model: a model adapted with ``apply_mole`` (a model without MoLE blocks is left as is).
+        enabled: dense (``True``) or the configured top-k (``False``).
+    """
+    state = get_state(model)
+    if state is not None:
+        state.dense_routing = bool(enabled)
 
 
 def enable_routing_stats(model: nn.Module, enabled: bool = True, reset: bool = True) -> None:

@@ -441,6 +441,17 @@ def verdict(
 PICTURE_KINDS = ("text", "image", "answer")
 
 
+def _routing_recipe(dense_warmup: float) -> str:
+    """The setup line that says how MoLE's routers were trained."""
+    if not dense_warmup:
+        return "- MoLE routing: top-1 from the first step (the paper's recipe)"
+    return (
+        f"- MoLE routing: dense (every expert, weighted by its router probability) for the first "
+        f"{dense_warmup:.0%} of the steps, then top-1 (`train.router_dense_warmup = "
+        f"{dense_warmup:g}`); plain LoRA has no router"
+    )
+
+
 def _separation(blocks: list[dict[str, Any]], block: int, kind: str) -> float | None:
     """Mean pairwise total-variation distance of the domains' expert shares in one block."""
     rows = [b[kind] for b in blocks if b["block"] == block and b.get(kind) is not None]
@@ -586,6 +597,7 @@ def _setup(study: StudyConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "single_steps": study.single_steps,
         "learning_rate": study.train.get("learning_rate"),
         "max_steps": study.train.get("max_steps"),
+        "router_dense_warmup": study.train.get("router_dense_warmup", 0.0),
         "rank": adapter["rank"],
         "alpha": adapter["alpha"],
         "num_experts": adapter["num_experts"],
@@ -822,6 +834,7 @@ def render_report(results: dict[str, Any]) -> str:
     lines += [
         f"- shared adapter: rank r = {setup['rank']}, alpha = {setup['alpha']:g}, experts "
         f"K = {setup['num_experts']}; mixture steps: {setup['max_steps']}",
+        _routing_recipe(setup.get("router_dense_warmup") or 0.0),
         f"- evaluation: {setup['eval']['split']} split, limit {setup['eval']['limit']} per "
         f"domain, {setup['eval']['max_new_tokens']} new tokens",
         "",

@@ -113,6 +113,12 @@ class TrainSection:
             logits move by about ``lr * sum|x|`` per Adam step, so at the high learning rates
             that suit rank-1 adapters routing can flip every step: a lower router rate keeps
             each expert's tokens stable.
+        router_dense_warmup: share of the optimizer steps at the start of training during which
+            every MoLE token goes to all ``K`` experts, each weighted by its router probability
+            (a soft mixture; see ``set_dense_routing``), before top-k routing takes over. With
+            top-1 from step 0 a router only ever sees the expert it already chose; the dense
+            phase lets it compare experts. ``0`` (the paper's recipe) turns it off; plain LoRA
+            ignores it.
         lr_scheduler: a transformers scheduler name (``cosine``, ``linear``, ``constant``...).
         warmup_ratio: share of steps for linear warmup.
         epochs: passes over the data (ignored when ``max_steps > 0``).
@@ -145,6 +151,7 @@ class TrainSection:
     learning_rate: float = 2e-4
     projector_lr: float | None = None
     router_lr: float | None = None
+    router_dense_warmup: float = 0.0
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
     epochs: float = 1.0
@@ -208,6 +215,16 @@ class TrainConfig:
         if not 0 <= self.train.warmup_ratio < 1:
             raise ConfigError(
                 f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})"
+            )
+        if not 0 <= self.train.router_dense_warmup <= 1:
+            raise ConfigError(
+                "train.router_dense_warmup: must be in [0, 1] "
+                f"(got {self.train.router_dense_warmup})"
+            )
+        if self.train.router_dense_warmup > 0 and self.adapter.gate_weighting == "none":
+            raise ConfigError(
+                "train.router_dense_warmup: needs adapter.gate_weighting='prob' (with 'none' "
+                "the dense phase would sum the experts unweighted and never train the router)"
             )
         if self.train.max_steps == 0 or self.train.max_steps < -1:
             raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {self.train.max_steps})")

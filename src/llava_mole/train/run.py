@@ -249,6 +249,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         domains=list(dataset.domains),
         projector_lr=config.train.projector_lr,
         router_lr=config.train.router_lr,
+        router_dense_warmup=config.train.router_dense_warmup,
         nan_policy=config.train.nan_policy,
         log_domain_loss=config.train.log_domain_loss,
         # The prompt format the adapter was trained with, so that `predict` can use it.

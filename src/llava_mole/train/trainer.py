@@ -32,7 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
-from ..adapters.state import get_state, mole_aux_loss, set_token_tags
+from ..adapters.state import get_state, mole_aux_loss, set_dense_routing, set_token_tags
 from ..data.templates import IGNORE_INDEX
 
 logger = logging.getLogger("llava_mole.train")
@@ -62,6 +62,8 @@ class MoLETrainer(Trainer):
         domains: domain names of the training mixture (for per-domain logging).
         projector_lr: learning rate of the multimodal projector (``None``: the main one).
         router_lr: learning rate of the MoLE routers (``None``: the main one).
+        router_dense_warmup: share of the optimizer steps, from the start, with dense routing
+            (every expert, weighted by its router probability; ``set_dense_routing``).
         nan_policy: ``"stop"`` or ``"skip"``.
         log_domain_loss: log the LM loss per domain.
         **kwargs: passed to ``transformers.Trainer``.
@@ -73,6 +75,7 @@ class MoLETrainer(Trainer):
         domains: list[str] | None = None,
         projector_lr: float | None = None,
         router_lr: float | None = None,
+        router_dense_warmup: float = 0.0,
         nan_policy: str = "stop",
         log_domain_loss: bool = True,
         adapter_extra: dict[str, Any] | None = None,
@@ -83,6 +86,7 @@ class MoLETrainer(Trainer):
         self.domains = list(domains or [])
         self.projector_lr = projector_lr
         self.router_lr = router_lr
+        self.router_dense_warmup = router_dense_warmup
         self.nan_policy = nan_policy
         self.log_domain_loss = log_domain_loss
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
@@ -109,6 +113,10 @@ class MoLETrainer(Trainer):
         labels = inputs.pop("labels")
         domain_ids = inputs.pop("domain_ids", None)
         set_token_tags(model, domain_ids, num_domains=max(len(self.domains), 1))
+        if model.training:
+            # From the step counter, so a resumed run continues in the right phase.
+            dense = self.state.global_step < self.router_dense_warmup * self.state.max_steps
+            set_dense_routing(model, dense)
         outputs = model(**inputs)
         token_loss = token_cross_entropy(outputs.logits, labels)
         valid = (labels[:, 1:] != IGNORE_INDEX).float()
