@@ -170,8 +170,8 @@ def test_bf16_mixed_precision_keeps_routers_float32(tiny_world, tmp_path, monkey
     seen = []
     original = mole_module.MoLEMLP.route
 
-    def spy(self, flat):
-        logits, routing = original(self, flat)
+    def spy(self, flat, top_k=None):
+        logits, routing = original(self, flat, top_k)
         seen.append((logits.dtype, routing.probs.dtype, self.router.weight.dtype))
         return logits, routing
 
