@@ -16,7 +16,7 @@ from llava_mole.adapters.dispatch import (
     router_logits,
 )
 from llava_mole.adapters.mole import MoLEMLP
-from llava_mole.adapters.state import MoLEState
+from llava_mole.adapters.state import STATE_ATTR, MoLEState, set_routing_domains
 
 PATHS = ["loop", "grouped_mm", "dense"]
 
@@ -55,7 +55,12 @@ def naive_reference(
 ) -> torch.Tensor:
     """Token by token, in float64, straight from the definition."""
     xd = x.double()
-    if block.router is not None:
+    if block.routes_by_domain:  # every token of sample b on the expert of its domain, p = 1
+        experts = block.state.route_experts.repeat_interleave(
+            x.shape[0] // len(block.state.route_experts)
+        )
+        probs = torch.nn.functional.one_hot(experts, block.num_experts).double()
+    elif block.router is not None:
         probs = torch.softmax(xd @ block.router.weight.double().T, dim=-1)
     else:
         probs = torch.ones(x.shape[0], 1, dtype=torch.float64)
@@ -137,6 +142,36 @@ def test_dense_routing_is_the_probability_weighted_sum_of_all_experts(path):
     ref_top1 = naive_reference(block, x)
     assert rel_err(block(x), ref_top1) <= 1e-5
     assert rel_err(out, ref_top1) > 1e-3  # the two phases really differ
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_domain_router_sends_each_sample_to_its_domain_expert(path):
+    torch.manual_seed(0)
+    cfg = MoLEConfig(
+        rank=4, alpha=8, num_experts=3, dropout=0.0, dispatch=path, router="domain",
+        router_domains=("general", "document", "biomedical"),
+    )  # fmt: skip
+    block = MoLEMLP(SwiGLU(24, 40), cfg, 0, MoLEState(cfg, 1, None))
+    assert block.router is None and not any("router" in n for n, _ in block.named_parameters())
+    with torch.no_grad():
+        for p in list(block.lora_A.values()) + list(block.lora_B.values()):
+            p.normal_(0, 0.3)
+    x = torch.randn(4, 5, 24)  # 4 samples of 5 tokens
+    with pytest.raises(RuntimeError, match="routes by domain label"):
+        block(x)
+    model = nn.Module()
+    model.__dict__[STATE_ATTR] = block.state
+    with pytest.raises(ValueError, match="domain 'legal' has no expert"):
+        set_routing_domains(model, ["general", "legal", "general", "document"])
+    set_routing_domains(model, ["biomedical", "general", "document", "biomedical"])
+    assert block.state.route_experts.tolist() == [2, 0, 1, 2]
+    check_against_reference(block, x.reshape(20, 24))
+    block.eval()
+    with torch.no_grad():  # generation: one new token per sample
+        step = torch.randn(4, 1, 24)
+        assert (
+            rel_err(block(step).reshape(4, 24), naive_reference(block, step.reshape(4, 24))) < 1e-5
+        )
 
 
 @pytest.mark.parametrize("path", PATHS)

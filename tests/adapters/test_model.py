@@ -290,6 +290,15 @@ def test_bad_configs_and_models_name_the_problem():
         MoLEConfig(dropout=1.5)
     with pytest.raises(ValueError, match="MoLEConfig.gate_weighting"):
         MoLEConfig(gate_weighting="soft")
+    with pytest.raises(ValueError, match="MoLEConfig.router: must be 'linear' or 'domain'"):
+        MoLEConfig(router="oracle")
+    with pytest.raises(ValueError, match="MoLEConfig.router_domains: more domains than experts"):
+        MoLEConfig(num_experts=2, router="domain", router_domains=["a", "b", "c"])
+    with pytest.raises(ValueError, match="MoLEConfig.router: 'domain' routing needs num_experts"):
+        MoLEConfig(num_experts=1, router="domain")
+    saved = MoLEConfig(router="domain", router_domains=["a", "b"]).to_dict()
+    assert saved["router_domains"] == ["a", "b"]
+    assert MoLEConfig.from_dict(saved).router_domains == ("a", "b")
     with pytest.raises(ValueError, match="unknown field 'experts'"):
         MoLEConfig.from_dict({"experts": 3})
     with pytest.raises(AdapterError, match="no language model"):

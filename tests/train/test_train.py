@@ -244,3 +244,31 @@ def test_router_dense_warmup_errors(tiny_world, tmp_path):
     bad = overrides + ["train.router_dense_warmup=0.2", "adapter.gate_weighting=none"]
     with pytest.raises(ConfigError, match="needs adapter.gate_weighting='prob'"):
         load_train_config(None, bad).validate()
+
+
+def test_domain_router_trains_evaluates_and_refuses_free_form_prompts(tiny_world, tmp_path):
+    from llava_mole.eval.generate import evaluate, predict
+
+    run = tmp_path / "oracle"
+    overrides = base_overrides(tiny_world, run, max_steps=2) + ["adapter.router=domain"]
+    assert train(load_train_config(None, overrides)).completed
+    saved = json.loads((run / "adapter_config.json").read_text())["mole"]
+    assert saved["router"] == "domain"
+    assert saved["router_domains"] == ["general", "document", "biomedical"]
+    assert not any(".router." in k for k in load_file(str(run / "adapter_model.safetensors")))
+
+    result = evaluate(tiny_world["model"], run, tiny_world["mixture"], batch_size=4,
+                      max_new_tokens=2, routing=True, progress=False)  # fmt: skip
+    assert result["n"] == 18
+    for row in result["routing"]["blocks"]:  # every token of a domain on that domain's expert
+        expert = result["routing"]["domains"].index(row["domain"])
+        for kind in ("text", "image"):
+            assert row[kind][expert] == pytest.approx(1.0), (row["block"], kind)
+    image = tiny_world["data"] / "scenes" / "images" / "test_00000.png"
+    with pytest.raises(ValueError, match="routes by domain label"):
+        predict(tiny_world["model"], image, "What is the code?", adapter_dir=run)
+
+    too_few = base_overrides(tiny_world, tmp_path / "few", max_steps=1)
+    too_few += ["adapter.router=domain", "adapter.num_experts=2"]
+    with pytest.raises(ConfigError, match="adapter.router: .*more domains than experts"):
+        train(load_train_config(None, too_few))

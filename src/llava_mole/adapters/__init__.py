@@ -11,6 +11,7 @@ from .state import (
     routing_stats,
     routing_summary,
     set_dense_routing,
+    set_routing_domains,
     set_token_tags,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "routing_summary",
     "save_adapter",
     "set_dense_routing",
+    "set_routing_domains",
     "set_token_tags",
     "unmerge_lora",
 ]

@@ -16,6 +16,7 @@ AdapterMode = Literal["mole", "lora"]
 GateWeighting = Literal["prob", "none"]
 BalanceLoss = Literal["switch", "official"]
 Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
+Router = Literal["linear", "domain"]
 
 # Fields that change how the adapter computes but not which tensors it holds or what they mean;
 # a saved adapter may be loaded under different values of these.
@@ -53,6 +54,13 @@ class MoLEConfig:
             never adapted.
         train_projector: train the multimodal projector fully (LLaVA's instruction tuning does).
         dispatch: how tokens reach their experts (see ``adapters.dispatch``); ``"auto"`` picks.
+        router: ``"linear"`` (the paper's learned router) or ``"domain"``: every token goes to
+            the expert of its sample's domain (``router_domains[i]`` -> expert ``i``), a
+            diagnostic upper bound for routing ("would MoLE help if routing were perfect?").
+            It needs each sample's domain at training and evaluation time, so it cannot
+            answer free-form questions.
+        router_domains: the domain of each expert for ``router="domain"`` (set from the training
+            mixture).
     """
 
     mode: AdapterMode = "mole"
@@ -72,11 +80,14 @@ class MoLEConfig:
     target_tree: str | None = None
     train_projector: bool = True
     dispatch: Dispatch = "auto"
+    router: Router = "linear"
+    router_domains: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.attn_targets = tuple(self.attn_targets)
         self.mlp_targets = tuple(self.mlp_targets)
+        self.router_domains = tuple(self.router_domains)
         self.validate()
 
     def validate(self) -> None:
@@ -134,6 +145,14 @@ class MoLEConfig:
             bad("target_tree", "must be a dotted module path or null")
         if not isinstance(self.train_projector, bool):
             bad("train_projector", "must be true or false")
+        if self.router not in ("linear", "domain"):
+            bad("router", "must be 'linear' or 'domain'")
+        if not all(isinstance(v, str) and v for v in self.router_domains):
+            bad("router_domains", "must be a list of domain names")
+        if self.router == "domain" and self.mode == "mole" and self.num_experts < 2:
+            bad("router", "'domain' routing needs num_experts >= 2")
+        if len(self.router_domains) > self.num_experts:
+            bad("router_domains", f"more domains than experts ({self.num_experts})")
 
     @property
     def mlp_lora_rank(self) -> int:
@@ -150,6 +169,7 @@ class MoLEConfig:
         data = dataclasses.asdict(self)
         data["attn_targets"] = list(self.attn_targets)
         data["mlp_targets"] = list(self.mlp_targets)
+        data["router_domains"] = list(self.router_domains)
         if not data["extra"]:
             data.pop("extra")
         return data

@@ -87,6 +87,8 @@ class MoLEMLP(nn.Module):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(b)
         # One expert means no routing: exactly plain LoRA, and no idle router parameter for DDP.
+        # Domain routing (a diagnostic) has no router parameters either.
+        self.routes_by_domain = config.router == "domain" and self.num_experts > 1
         self.router = (
             nn.Linear(
                 self.gate_proj.in_features,
@@ -95,7 +97,7 @@ class MoLEMLP(nn.Module):
                 device=weight.device,
                 dtype=torch.float32,
             )
-            if self.num_experts > 1
+            if self.num_experts > 1 and not self.routes_by_domain
             else None
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -103,17 +105,32 @@ class MoLEMLP(nn.Module):
     def route(self, flat: torch.Tensor, top_k: int | None = None):
         """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
-            if isinstance(self.router, nn.Linear):
+            if self.routes_by_domain:
+                logits = self._domain_logits(flat)
+            elif isinstance(self.router, nn.Linear):
                 logits = router_logits(flat, self.router.weight)
             else:  # a user-supplied router module
                 logits = self.router(flat.float()).float()
         top_k = self.top_k if top_k is None else top_k
         return logits, route(logits, top_k, self.gate_weighting, self.normalize_top_k)
 
+    def _domain_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """One-hot logits (probability ~1) on the expert of each token's sample's domain."""
+        experts = None if self.state is None else self.state.route_experts
+        if experts is None or experts.numel() == 0 or flat.shape[0] % experts.numel():
+            raise RuntimeError(
+                "this MoLE adapter routes by domain label (adapter.router='domain'): tag the "
+                "samples' domains first (set_routing_domains); it cannot answer free-form prompts"
+            )
+        per_sample = flat.shape[0] // experts.numel()
+        experts = experts.to(flat.device).repeat_interleave(per_sample)
+        logits = torch.full((flat.shape[0], self.num_experts), -30.0, device=flat.device)
+        return logits.scatter(1, experts.unsqueeze(1), 30.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.router is None:
+        if self.router is None and not self.routes_by_domain:
             return self._forward_single(flat).view(*shape[:-1], -1)
         top_k = self.top_k
         if self.training and self.state is not None and self.state.dense_routing:

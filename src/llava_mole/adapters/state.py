@@ -17,6 +17,7 @@ Balance losses (``P_k`` mean router probability, ``f_k`` share of routed tokens,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class MoLEState:
         self.num_domains = 1
         self.collect_stats = False
         self.dense_routing = False
+        self.route_experts: torch.Tensor | None = None  # (B,) for router="domain"
         self.stats: dict[int, torch.Tensor] = {}
         self.begin_forward(None, None)
 
@@ -232,6 +234,32 @@ def set_token_tags(
     state.domain_ids = domain_ids
     state.num_domains = max(int(num_domains), 1)
     state.answer_mask = answer_mask
+
+
+def set_routing_domains(model: nn.Module, domains: Sequence[str]) -> None:
+    """Name the domain of each sample of the next forwards (for ``router="domain"`` adapters).
+
+    Every token of sample ``b`` then goes to the expert of ``domains[b]``
+    (``config.router_domains``). Does nothing for other adapters.
+
+    Args:
+        model: a model adapted with ``apply_mole``.
+        domains: one domain name per sample of the batch.
+
+    Raises:
+        ValueError: a domain the adapter has no expert for.
+    """
+    state = get_state(model)
+    if state is None or state.config.router != "domain":
+        return
+    index = {name: i for i, name in enumerate(state.config.router_domains)}
+    unknown = sorted(set(domains) - set(index))
+    if unknown:
+        raise ValueError(
+            f"domain {unknown[0]!r} has no expert in this domain-routed adapter "
+            f"(its domains: {list(state.config.router_domains)})"
+        )
+    state.route_experts = torch.tensor([index[d] for d in domains], dtype=torch.long)
 
 
 def set_dense_routing(model: nn.Module, enabled: bool) -> None:

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from llava_mole.adapters.inject import merge_lora, unmerge_lora
 from llava_mole.adapters.io import atomic_write_bytes, load_adapter, read_adapter_config
-from llava_mole.adapters.state import TOKEN_KINDS, get_state, routing_stats, set_token_tags
+from llava_mole.adapters.state import (
+    TOKEN_KINDS,
+    get_state,
+    routing_stats,
+    set_routing_domains,
+    set_token_tags,
+)
 from llava_mole.data.formats import ASSISTANT, IMAGE_PLACEHOLDER, USER, Sample
 from llava_mole.data.images import IMAGE_MODES, ImageLoadError, load_image, pixel_values
 from llava_mole.data.mixture import MixtureConfig, load_mixture, load_split
@@ -518,6 +524,8 @@ def evaluate(
                     items[begin : begin + batch_size], processor, cfg.image_mode, skipped
                 )
                 if batch:
+                    # Domain-routed adapters (a diagnostic) send tokens by the sample's domain.
+                    set_routing_domains(model, [it.sample.domain for it in batch])
                     answers = generate_answers(
                         model,
                         processor,
@@ -651,6 +659,11 @@ def predict(
     if not question.strip():
         raise ValueError("question is empty")
     trained = _trained_prompt_format(adapter_dir)
+    if adapter_dir is not None and read_adapter_config(adapter_dir)[0].router == "domain":
+        raise ValueError(
+            f"{adapter_dir}: this adapter routes by domain label (adapter.router='domain', a "
+            "study diagnostic), so it needs each sample's domain: use `llava-mole eval`"
+        )
     template = template or trained.get("template") or "vicuna_v1"
     if system is None and template == trained.get("template"):
         system = trained.get("system")

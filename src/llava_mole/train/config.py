@@ -91,6 +91,7 @@ class AdapterSection:
     target_tree: str | None = None
     train_projector: bool = True
     dispatch: Literal["auto", "loop", "grouped_mm", "dense", "triton"] = "auto"
+    router: Literal["linear", "domain"] = "linear"
 
     def to_mole_config(self) -> MoLEConfig:
         data = dataclasses.asdict(self)

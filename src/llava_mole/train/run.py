@@ -229,6 +229,15 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     )
     if config.data.max_length is not None:
         dataset.max_length = config.data.max_length
+    if mole_config.router == "domain":
+        # Expert i serves the mixture's i-th domain; the adapter file records the names.
+        mole_config.router_domains = tuple(dataset.domains)
+        try:
+            mole_config.validate()
+        except ValueError as err:
+            raise ConfigError(
+                f"adapter.router: {err} (the mixture has {len(dataset.domains)} domains)"
+            ) from None
     print(report.summary(), flush=True)
     if len(dataset) == 0:
         raise ConfigError(f"data.mixture {config.data.mixture}: no usable training samples")

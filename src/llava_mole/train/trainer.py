@@ -32,7 +32,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
-from ..adapters.state import get_state, mole_aux_loss, set_dense_routing, set_token_tags
+from ..adapters.state import (
+    get_state,
+    mole_aux_loss,
+    set_dense_routing,
+    set_routing_domains,
+    set_token_tags,
+)
 from ..data.templates import IGNORE_INDEX
 
 logger = logging.getLogger("llava_mole.train")
@@ -95,6 +101,11 @@ class MoLETrainer(Trainer):
         self._reset_accumulators()
         self.add_callback(_GradientGuard(self))
 
+    @staticmethod
+    def _routes_by_domain(model: torch.nn.Module) -> bool:
+        state = get_state(model)
+        return state is not None and state.config.router == "domain"
+
     # ---- loss --------------------------------------------------------------------------------
     def _reset_accumulators(self) -> None:
         self._acc: dict[str, torch.Tensor] = {}
@@ -113,6 +124,8 @@ class MoLETrainer(Trainer):
         labels = inputs.pop("labels")
         domain_ids = inputs.pop("domain_ids", None)
         set_token_tags(model, domain_ids, num_domains=max(len(self.domains), 1))
+        if domain_ids is not None and self._routes_by_domain(model):
+            set_routing_domains(model, [self.domains[i] for i in domain_ids.tolist()])
         if model.training:
             # From the step counter, so a resumed run continues in the right phase.
             dense = self.state.global_step < self.router_dense_warmup * self.state.max_steps
