@@ -272,3 +272,16 @@ def test_domain_router_trains_evaluates_and_refuses_free_form_prompts(tiny_world
     too_few += ["adapter.router=domain", "adapter.num_experts=2"]
     with pytest.raises(ConfigError, match="adapter.router: .*more domains than experts"):
         train(load_train_config(None, too_few))
+
+
+def test_settings_added_later_do_not_orphan_earlier_runs(tiny_world, tmp_path):
+    from llava_mole.train.run import config_changes
+
+    config = load_train_config(None, base_overrides(tiny_world, tmp_path))
+    older = config.to_dict()  # a run_config.yaml written before these settings existed
+    del older["adapter"]["router"], older["train"]["router_dense_warmup"]
+    assert config_changes(older, config) == []
+    changed = load_train_config(None, base_overrides(tiny_world, tmp_path, router_dense_warmup=0.2))
+    assert config_changes(older, changed) == [("train.router_dense_warmup", 0.0, 0.2)]
+    older["train"]["max_steps"] = 99
+    assert [key for key, _, _ in config_changes(older, config)] == ["train.max_steps"]

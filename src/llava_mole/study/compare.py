@@ -51,7 +51,7 @@ from ..train.config import (
     TrainConfig,
     TrainSection,
 )
-from ..train.run import RESUME_FREE_KEYS, train
+from ..train.run import RESUME_FREE_KEYS, config_changes, train
 
 __all__ = [
     "SETTINGS",
@@ -663,31 +663,19 @@ def plan_runs(study: StudyConfig, out_dir: str | os.PathLike[str]) -> list[RunSp
 # ---- running ------------------------------------------------------------------------------
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _check_stale(spec: RunSpec) -> None:
     """Refuse to reuse a finished run that was trained with another config than planned now."""
     saved = spec.run_dir / "run_config.yaml"
     if not (spec.run_dir / SUMMARY).is_file() or not saved.is_file():
         return
-    before = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    now = _flatten(spec.config.to_dict())
-    for key in sorted(set(before) | set(now)):
-        if key not in _CHANGE_FREE and before.get(key) != now.get(key):
-            raise StudyConfigError(
-                f"{spec.run_dir}: this finished run was trained with {key}={before.get(key)!r}, "
-                f"the study now asks {now.get(key)!r}; use a new output folder or delete the run"
-            )
+    before = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changes = config_changes(before, spec.config, ignore=_CHANGE_FREE)
+    if changes:
+        key, old, now = changes[0]
+        raise StudyConfigError(
+            f"{spec.run_dir}: this finished run was trained with {key}={old!r}, "
+            f"the study now asks {now!r}; use a new output folder or delete the run"
+        )
 
 
 @dataclass

@@ -97,17 +97,40 @@ def _check_output_dir(config: TrainConfig) -> Path | None:
             "or set train.resume=auto to continue that run"
         )
     if saved.is_file():
-        before = _flatten(yaml.safe_load(saved.read_text()) or {})
-        now = _flatten(config.to_dict())
-        for key in sorted(set(before) | set(now)):
-            if key in RESUME_FREE_KEYS:
-                continue
-            if before.get(key) != now.get(key):
-                raise ConfigError(
-                    f"output_dir {out} holds checkpoints of another run ({key}: {before.get(key)!r} "
-                    f"there, {now.get(key)!r} here); use a new output_dir"
-                )
+        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, config)
+        if changes:
+            key, before, now = changes[0]
+            raise ConfigError(
+                f"output_dir {out} holds checkpoints of another run ({key}: {before!r} "
+                f"there, {now!r} here); use a new output_dir"
+            )
     return checkpoint
+
+
+def config_changes(
+    saved: dict[str, Any], config: TrainConfig, ignore: frozenset[str] = RESUME_FREE_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """The settings in which ``config`` differs from a run's saved ``run_config.yaml``.
+
+    A key the saved file lacks (written before that setting existed) counts as its default,
+    so adding a setting does not orphan earlier runs.
+
+    Args:
+        saved: the parsed ``run_config.yaml``.
+        config: the configuration asked for now.
+        ignore: dotted keys that may differ.
+
+    Returns:
+        ``(dotted key, saved value, value now)`` for each difference, sorted by key.
+    """
+    defaults = _flatten(TrainConfig().to_dict())
+    before, now = _flatten(saved), _flatten(config.to_dict())
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        old = before.get(key, defaults.get(key))
+        if key not in ignore and old != now.get(key):
+            changes.append((key, old, now.get(key)))
+    return changes
 
 
 def _training_arguments(config: TrainConfig, has_cuda: bool):
