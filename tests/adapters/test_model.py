@@ -296,6 +296,8 @@ def test_bad_configs_and_models_name_the_problem():
         MoLEConfig(num_experts=2, router="domain", router_domains=["a", "b", "c"])
     with pytest.raises(ValueError, match="MoLEConfig.router: 'domain' routing needs num_experts"):
         MoLEConfig(num_experts=1, router="domain")
+    with pytest.raises(ValueError, match="MoLEConfig.router: 'domain' routing is for MoLE"):
+        MoLEConfig(mode="lora", router="domain")
     saved = MoLEConfig(router="domain", router_domains=["a", "b"]).to_dict()
     assert saved["router_domains"] == ["a", "b"]
     assert MoLEConfig.from_dict(saved).router_domains == ("a", "b")

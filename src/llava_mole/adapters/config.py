@@ -149,7 +149,9 @@ class MoLEConfig:
             bad("router", "must be 'linear' or 'domain'")
         if not all(isinstance(v, str) and v for v in self.router_domains):
             bad("router_domains", "must be a list of domain names")
-        if self.router == "domain" and self.mode == "mole" and self.num_experts < 2:
+        if self.router == "domain" and self.mode != "mole":
+            bad("router", "'domain' routing is for MoLE adapters (mode='mole')")
+        if self.router == "domain" and self.num_experts < 2:
             bad("router", "'domain' routing needs num_experts >= 2")
         if len(self.router_domains) > self.num_experts:
             bad("router_domains", f"more domains than experts ({self.num_experts})")
