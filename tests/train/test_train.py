@@ -285,3 +285,20 @@ def test_settings_added_later_do_not_orphan_earlier_runs(tiny_world, tmp_path):
     assert config_changes(older, changed) == [("train.router_dense_warmup", 0.0, 0.2)]
     older["train"]["max_steps"] = 99
     assert [key for key, _, _ in config_changes(older, config)] == ["train.max_steps"]
+
+
+def test_router_settings_do_not_make_plain_lora_runs_stale(tiny_world, tmp_path):
+    from llava_mole.train.run import config_changes
+
+    lora = ["adapter.type=lora"]
+    config = load_train_config(None, base_overrides(tiny_world, tmp_path) + lora)
+    saved = config.to_dict()
+    routed = base_overrides(tiny_world, tmp_path, router_dense_warmup=0.2) + lora
+    routed += ["adapter.num_experts=4", "adapter.balance_coef=0.1"]
+    assert config_changes(saved, load_train_config(None, routed)) == []
+    # ... but they do for MoLE runs, and a LoRA run asked to become MoLE is stale.
+    mole = load_train_config(None, base_overrides(tiny_world, tmp_path, router_dense_warmup=0.2))
+    mole_saved = mole.to_dict()
+    mole_saved["train"]["router_dense_warmup"] = 0.0
+    assert config_changes(mole_saved, mole) == [("train.router_dense_warmup", 0.0, 0.2)]
+    assert ("adapter.type", "lora", "mole") in config_changes(saved, mole)

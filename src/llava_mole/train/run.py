@@ -56,6 +56,22 @@ RESUME_FREE_KEYS = frozenset(
         "adapter.dispatch",
     }
 )
+# Settings a plain-LoRA adapter (``adapter.type: lora``) has no use for: changing them does
+# not change what such a run trains, so they never make it stale.
+MOLE_ONLY_KEYS = frozenset(
+    {
+        "adapter.num_experts",
+        "adapter.top_k",
+        "adapter.normalize_top_k",
+        "adapter.balance_coef",
+        "adapter.router_z_coef",
+        "adapter.gate_weighting",
+        "adapter.balance_loss",
+        "adapter.router",
+        "train.router_lr",
+        "train.router_dense_warmup",
+    }
+)
 
 
 @dataclass
@@ -113,7 +129,8 @@ def config_changes(
     """The settings in which ``config`` differs from a run's saved ``run_config.yaml``.
 
     A key the saved file lacks (written before that setting existed) counts as its default,
-    so adding a setting does not orphan earlier runs.
+    so adding a setting does not orphan earlier runs; router and expert settings
+    (:data:`MOLE_ONLY_KEYS`) do not count when both are plain-LoRA runs.
 
     Args:
         saved: the parsed ``run_config.yaml``.
@@ -125,6 +142,8 @@ def config_changes(
     """
     defaults = _flatten(TrainConfig().to_dict())
     before, now = _flatten(saved), _flatten(config.to_dict())
+    if before.get("adapter.type", defaults["adapter.type"]) == now["adapter.type"] == "lora":
+        ignore = ignore | MOLE_ONLY_KEYS
     changes = []
     for key in sorted(set(before) | set(now)):
         old = before.get(key, defaults.get(key))
