@@ -60,6 +60,11 @@ def test_collator_pads_masks_and_stacks_images():
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [5.0, 4.0]
     assert batch["domain_ids"].tolist() == [1, 0, 2] and batch["domain_ids"].dtype == torch.long
+    # positions t with a label at t + 1 in some row: rows' labels sit at 1-2, 3-4 and 2-3
+    positions = DataCollator(pad_token_id=0, loss_positions=True)(features)["loss_positions"]
+    assert positions.tolist() == [0, 1, 2, 3] and positions.dtype == torch.long
+    only_first = DataCollator(0, loss_positions=True)([_feature(3, False)])["loss_positions"]
+    assert only_first.tolist() == [0, 1]
 
 
 def test_collator_text_only_batch_and_options():

@@ -302,3 +302,47 @@ def test_router_settings_do_not_make_plain_lora_runs_stale(tiny_world, tmp_path)
     mole_saved["train"]["router_dense_warmup"] = 0.0
     assert config_changes(mole_saved, mole) == [("train.router_dense_warmup", 0.0, 0.2)]
     assert ("adapter.type", "lora", "mole") in config_changes(saved, mole)
+
+
+def test_gradient_finiteness_check():
+    from llava_mole.train.trainer import _all_finite
+
+    grads = [torch.ones(3, 4), torch.zeros(5), torch.full((2,), 3e38)]  # last: norm overflows
+    assert _all_finite(grads)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        poisoned = [g.clone() for g in grads]
+        poisoned[1][2] = bad
+        assert not _all_finite(poisoned), bad
+    assert not _all_finite([torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)])
+
+
+def test_logits_kept_at_loss_positions_only_give_the_same_training(
+    tiny_world, tmp_path, monkeypatch
+):
+    """Training computes logits only where a label follows; losses and adapter must not move."""
+    from llava_mole.train.trainer import token_cross_entropy
+
+    kept_shapes = []
+    original = token_cross_entropy
+
+    def spy(logits, labels, positions=None):
+        kept_shapes.append((logits.shape[1], labels.shape[1]))
+        return original(logits, labels, positions)
+
+    monkeypatch.setattr("llava_mole.train.trainer.token_cross_entropy", spy)
+    overrides = base_overrides(tiny_world, tmp_path / "kept", max_steps=3)
+    kept = train(load_train_config(None, overrides + ["adapter.dropout=0.0"]))
+    assert kept_shapes and all(p < t - 1 for p, t in kept_shapes)  # trimmed, not all positions
+
+    monkeypatch.setattr(MoLETrainer, "_takes_logits_to_keep", lambda self, model: False)
+    overrides = base_overrides(tiny_world, tmp_path / "full", max_steps=3)
+    full = train(load_train_config(None, overrides + ["adapter.dropout=0.0"]))
+    assert kept_shapes[-1][0] == kept_shapes[-1][1]  # the full path kept every position
+    la, lb = logged_losses(kept.output_dir), logged_losses(full.output_dir)
+    assert la.keys() == lb.keys() and la
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+    a = load_file(str(kept.output_dir / "adapter_model.safetensors"))
+    b = load_file(str(full.output_dir / "adapter_model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key

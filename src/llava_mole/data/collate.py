@@ -238,11 +238,15 @@ class DataCollator:
         pad_token_id: Id used to pad ``input_ids``.
         label_pad: Label id of padding.
         pad_to_multiple_of: Round the padded length up to a multiple of this.
+        loss_positions: also return ``loss_positions``.
 
     Returns (on call):
         ``input_ids``, ``attention_mask``, ``labels`` (LongTensors ``(B, T)``), ``pixel_values``
         (``(N_img, 3, H, W)``, images of the samples that have one, in batch order; absent if
-        none) and ``domain_ids`` (LongTensor ``(B,)``).
+        none), ``domain_ids`` (LongTensor ``(B,)``) and, if asked, ``loss_positions``: the
+        positions ``t`` (LongTensor, ascending) at which some sample has a label at ``t + 1``,
+        the only positions whose logits the loss needs (computed here, on the host, so that
+        trimming the logits to them costs the training step no host-device synchronisation).
     """
 
     def __init__(
@@ -250,12 +254,14 @@ class DataCollator:
         pad_token_id: int,
         label_pad: int = IGNORE_INDEX,
         pad_to_multiple_of: int | None = None,
+        loss_positions: bool = False,
     ) -> None:
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: set a pad token on the tokenizer")
         self.pad_token_id = int(pad_token_id)
         self.label_pad = label_pad
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.loss_positions = loss_positions
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> DataCollator:
@@ -293,6 +299,10 @@ class DataCollator:
             batch["pixel_values"] = torch.stack([torch.as_tensor(p) for p in images])
         if all("domain_id" in f for f in features):
             batch["domain_ids"] = torch.tensor([int(f["domain_id"]) for f in features])
+        if self.loss_positions:
+            following = batch_labels[:, 1:]
+            needed = ((following != IGNORE_INDEX) & (following != self.label_pad)).any(dim=0)
+            batch["loss_positions"] = needed.nonzero().flatten()
         return batch
 
 

@@ -296,7 +296,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=DataCollator.from_processor(processor),
+        data_collator=DataCollator.from_processor(processor, loss_positions=True),
         domains=list(dataset.domains),
         projector_lr=config.train.projector_lr,
         router_lr=config.train.router_lr,
