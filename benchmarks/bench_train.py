@@ -80,9 +80,15 @@ def main() -> None:
     )
     if not args.no_append:
         try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip()
+            commit = (
+                subprocess.run(
+                    ["git", "rev-parse", "--short", "HEAD"],
+                    cwd=Path(__file__).parent,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                or "unknown"
+            )
         except OSError:
             commit = "unknown"
         section = (
