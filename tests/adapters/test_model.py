@@ -207,9 +207,10 @@ def test_aux_loss_and_grads_exact_under_activation_checkpointing():
         randomize_adapter(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
         out = model(**llava_batch())
         aux = mole_aux_loss(model)
         (out.loss + aux).backward()
