@@ -80,3 +80,16 @@ def test_shipped_configs_are_valid(name):
             "bf16",
             True,
         )
+
+
+def test_make_data_words_questions_and_answers_per_domain(tmp_path):
+    import json
+
+    out = tmp_path / "world"
+    args = ["make-data", str(out), "--samples-per-domain", "8", "--test-per-domain", "2"]
+    args += ["--num-classes", "4", "--code-questions", "domain", "--code-answers", "domain"]
+    assert main(args) == 0
+    samples = json.loads((out / "cells" / "train.json").read_text())
+    code = [s for s in samples if s["task"] == "code"]
+    assert code and all(s["conversations"][1]["value"].startswith("slide ") for s in code)
+    assert all(s["conversations"][0]["value"].endswith("this slide?") for s in code)

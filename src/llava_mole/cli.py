@@ -45,6 +45,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_classes=args.num_classes,
         code_questions=args.code_questions,
+        code_answers=args.code_answers,
     )
     print(f"synthetic domains written to {path} (mixture: {path / 'mixture.yaml'})")
     return 0
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("shared", "domain"),
         default="shared",
         help="one code question for all domains, or one wording per domain",
+    )
+    p.add_argument(
+        "--code-answers",
+        choices=("plain", "domain"),
+        default="plain",
+        help="code answers as the bare code word, or after the domain's subject ('slide xray')",
     )
     p.add_argument("--seed", type=int, default=0)
 

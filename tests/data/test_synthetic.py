@@ -186,3 +186,30 @@ def test_domain_code_questions(tmp_path: Path) -> None:
         assert set(re.findall(r"[A-Za-z]+", q)) <= words
     with pytest.raises(ValueError, match="code_questions"):
         S.make_data(tmp_path / "bad", samples_per_domain=4, test_per_domain=2, code_questions="x")
+
+
+def test_domain_code_answers(tmp_path: Path) -> None:
+    kwargs = dict(samples_per_domain=12, test_per_domain=4, num_classes=4, seed=3)
+    plain = S.make_data(tmp_path / "plain", **kwargs)
+    prefixed = S.make_data(tmp_path / "prefixed", code_answers="domain", **kwargs)
+    subjects = {spec.name: spec.subject for spec in S.DATASETS}
+    assert sorted(subjects.values()) == ["chart", "shape", "slide"]
+    for spec in S.DATASETS:
+        for split in ("train", "test"):
+            a, b = _load(plain, spec.name, split), _load(prefixed, spec.name, split)
+            assert [s["class_id"] for s in a] == [s["class_id"] for s in b]
+            for x, y in zip(a, b, strict=True):
+                answer, domain_answer = (
+                    x["conversations"][1]["value"],
+                    y["conversations"][1]["value"],
+                )
+                if x["task"] == "code":  # same code word, after the domain's subject
+                    assert answer in S.CODE_WORDS
+                    assert domain_answer == f"{spec.subject} {answer}"
+                else:  # natural answers are consistent across domains: no prefix
+                    assert domain_answer == answer
+    world = json.loads((prefixed / "synthetic_world.json").read_text())
+    assert world["code_answer_prefixes"] == {k: f"{v} " for k, v in subjects.items()}
+    assert set(subjects.values()) <= set(S.corpus_words())
+    with pytest.raises(ValueError, match="code_answers"):
+        S.make_data(tmp_path / "bad", samples_per_domain=4, test_per_domain=2, code_answers="x")

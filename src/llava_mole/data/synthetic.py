@@ -28,6 +28,14 @@ real instruction data. The mappings still contradict each other, but the domain 
 visible in the text as well, so a token-level router can tell the domains apart at the
 positions that produce the answer, not only at the image tokens.
 
+With ``make_data(code_answers="domain")`` the code answer also starts with what the image shows
+(``"shape xray"``, ``"chart xray"``, ``"slide xray"``), as answers in real domains come in the
+domain's own form, so the code word is predicted right after a token that differs by domain.
+Measured on the demo's setting (4 seeds) it did not make the learned routers separate the
+domains at the answer (separation 0.22-0.30, as with plain answers) and gave the same picture
+as plain answers: mixing cost general 0.041 (beyond seed spread, closed by 2x the steps), MoLE
+recovered 0.024 of it (within spread).
+
 A smaller share of samples (``natural_share``) asks one natural question per domain whose
 answer is consistent across domains (plain colour word, ordinal of the tallest bar,
 yes/no for density); these carry no conflict and act as a control.
@@ -121,6 +129,8 @@ class DatasetSpec:
         max_classes: Number of distinct classes the renderer supports.
         code_question: The domain's wording of the code question (used with
             ``make_data(code_questions="domain")``); names what the image shows.
+        subject: What the image shows, in one word; starts the code answer with
+            ``make_data(code_answers="domain")`` (``"slide xray"``).
     """
 
     name: str
@@ -128,17 +138,33 @@ class DatasetSpec:
     natural_question: str
     max_classes: int
     code_question: str = CODE_QUESTION
+    subject: str = "image"
 
 
 DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec(
-        "scenes", "general", "What colour is the shape?", 8 * 6, "What is the code for this shape?"
+        "scenes",
+        "general",
+        "What colour is the shape?",
+        8 * 6,
+        "What is the code for this shape?",
+        "shape",
     ),
     DatasetSpec(
-        "charts", "document", "Which bar is tallest?", 4 * 8, "What is the code for this chart?"
+        "charts",
+        "document",
+        "Which bar is tallest?",
+        4 * 8,
+        "What is the code for this chart?",
+        "chart",
     ),
     DatasetSpec(
-        "cells", "biomedical", "Are the cells dense?", 2 * 2 * 8, "What is the code for this slide?"
+        "cells",
+        "biomedical",
+        "Are the cells dense?",
+        2 * 2 * 8,
+        "What is the code for this slide?",
+        "slide",
     ),
 )
 DATASET_NAMES: tuple[str, ...] = tuple(d.name for d in DATASETS)
@@ -489,7 +515,7 @@ def corpus_words() -> list[str]:
     """
     texts = [CODE_QUESTION, PRETRAIN_QUESTION, _CAPTION_EXTRA_WORDS, "yes no"]
     texts += [spec.natural_question for spec in DATASETS]
-    texts += [spec.code_question for spec in DATASETS]
+    texts += [spec.code_question for spec in DATASETS] + [spec.subject for spec in DATASETS]
     texts += [t for group in _CAPTIONS.values() for t in group]
     texts += list(CODE_WORDS) + list(ORDINALS) + list(NUMBER_WORDS) + list(SCENE_SHAPES)
     texts += list(SCENE_COLOURS) + list(CHART_COLOURS) + list(CELL_STAINS)
@@ -511,6 +537,7 @@ def _build_split(
     num_classes: int,
     natural_share: float,
     code_question: str,
+    code_answer_prefix: str,
 ) -> list[dict[str, Any]]:
     split_index = ("train", "test").index(split)
     rng = np.random.default_rng([seed, DATASET_NAMES.index(spec.name), split_index])
@@ -528,7 +555,7 @@ def _build_split(
         if i in natural:
             task, question, answer = "natural", spec.natural_question, natural_answer(attrs)
         else:
-            task, question, answer = "code", code_question, codes[class_id]
+            task, question, answer = "code", code_question, code_answer_prefix + codes[class_id]
         samples.append(
             {
                 "id": f"{spec.name}-{split}-{i:05d}",
@@ -582,6 +609,7 @@ def make_data(
     num_classes: int = 24,
     natural_share: float = 0.25,
     code_questions: str = "shared",
+    code_answers: str = "plain",
 ) -> Path:
     """Write the synthetic three-domain world in LLaVA format.
 
@@ -599,12 +627,18 @@ def make_data(
         code_questions: ``"shared"``: every domain asks :data:`CODE_QUESTION`; ``"domain"``:
             each asks its own wording (``DatasetSpec.code_question``), so the question text
             tells the domain, as document and medical questions do in real instruction data.
+        code_answers: ``"plain"``: the code answer is the code word (``"xray"``); ``"domain"``:
+            it starts with what the image shows (``"shape xray"``, ``"chart xray"``, ``"slide
+            xray"``), answers written in the domain's own form, as real domains' answers are.
+            The code word is then predicted right after a domain-specific token.
 
     Returns:
         ``out_dir`` as a :class:`Path`.
     """
     if code_questions not in ("shared", "domain"):
         raise ValueError(f"code_questions must be 'shared' or 'domain', got {code_questions!r}")
+    if code_answers not in ("plain", "domain"):
+        raise ValueError(f"code_answers must be 'plain' or 'domain', got {code_answers!r}")
     _check_num_classes(num_classes)
     if not 0.0 <= natural_share <= 1.0:
         raise ValueError(f"natural_share must be in [0, 1], got {natural_share}")
@@ -616,8 +650,9 @@ def make_data(
         codebooks[spec.name] = codes
         for split, n in (("train", samples_per_domain), ("test", test_per_domain)):
             question = CODE_QUESTION if code_questions == "shared" else spec.code_question
+            prefix = f"{spec.subject} " if code_answers == "domain" else ""
             samples = _build_split(
-                spec, split, n, out, codes, seed, num_classes, natural_share, question
+                spec, split, n, out, codes, seed, num_classes, natural_share, question, prefix
             )
             text = json.dumps(samples, indent=1, ensure_ascii=False) + "\n"
             (out / spec.name / f"{split}.json").write_text(text, encoding="utf-8")
@@ -633,6 +668,9 @@ def make_data(
         "code_questions": {
             s.name: CODE_QUESTION if code_questions == "shared" else s.code_question
             for s in DATASETS
+        },
+        "code_answer_prefixes": {
+            s.name: f"{s.subject} " if code_answers == "domain" else "" for s in DATASETS
         },
         "domains": {s.name: s.domain for s in DATASETS},
         "natural_questions": {s.name: s.natural_question for s in DATASETS},
