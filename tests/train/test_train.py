@@ -40,6 +40,19 @@ def logged_losses(run_dir) -> dict[int, float]:
     return out
 
 
+def assert_same_training(run_a, run_b, atol: float) -> None:
+    """Two finished runs logged the same losses (rel 1e-5) and saved the same adapter."""
+    la, lb = logged_losses(run_a), logged_losses(run_b)
+    assert la.keys() == lb.keys() and la
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5)
+    a = load_file(str(run_a / "adapter_model.safetensors"))
+    b = load_file(str(run_b / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol), key
+
+
 def test_config_errors_name_the_key(tiny_world, tmp_path):
     with pytest.raises(ConfigError, match="train.max_stepz: unknown key"):
         load_train_config(None, base_overrides(tiny_world, tmp_path) + ["train.max_stepz=3"])
@@ -154,14 +167,7 @@ def test_activation_checkpointing_gives_same_losses(tiny_world, tmp_path):
             + ["adapter.dropout=0.0"],
         )
     )
-    la, lb = logged_losses(plain.output_dir), logged_losses(ckpt.output_dir)
-    assert la.keys() == lb.keys()
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], rel=1e-5)
-    a = load_file(str(plain.output_dir / "adapter_model.safetensors"))
-    b = load_file(str(ckpt.output_dir / "adapter_model.safetensors"))
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert_same_training(plain.output_dir, ckpt.output_dir, atol=1e-5)
 
 
 def test_bf16_mixed_precision_keeps_routers_float32(tiny_world, tmp_path, monkeypatch):
@@ -338,11 +344,4 @@ def test_logits_kept_at_loss_positions_only_give_the_same_training(
     overrides = base_overrides(tiny_world, tmp_path / "full", max_steps=3)
     full = train(load_train_config(None, overrides + ["adapter.dropout=0.0"]))
     assert kept_shapes[-1][0] == kept_shapes[-1][1]  # the full path kept every position
-    la, lb = logged_losses(kept.output_dir), logged_losses(full.output_dir)
-    assert la.keys() == lb.keys() and la
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], rel=1e-5)
-    a = load_file(str(kept.output_dir / "adapter_model.safetensors"))
-    b = load_file(str(full.output_dir / "adapter_model.safetensors"))
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert_same_training(kept.output_dir, full.output_dir, atol=1e-6)
