@@ -725,12 +725,14 @@ def default_plan(device: str, quick: bool) -> Plan:
         dtype="float32",
         d_model=1024,
         d_ff=2752,
-        train_tokens=1024,
+        # 4 tokens per model dimension, as at the CUDA training size (16384 at d=4096): fewer
+        # would make the K x adapter gradients look larger next to the activations than they are.
+        train_tokens=4096,
         gen_tokens=(1, 64),
         experts=(2, 4, 8),
         ranks=(16, 128),
         warmup=1,
-        train_repeats=5,
+        train_repeats=3,
         gen_repeats=9,
         min_sample_s=0.02,
     )
