@@ -76,7 +76,7 @@ def test_answers_and_permutations(world: Path) -> None:
     natural = {
         "scenes": set(S.SCENE_COLOURS),
         "charts": set(S.ORDINALS),
-        "cells": {"yes", "no"},
+        "cells": set(list(S.CELL_STAINS)[: CLASSES // 4]),
     }
     codebooks = json.loads((world / "synthetic_world.json").read_text())["codebooks"]
     perms = []
@@ -113,9 +113,12 @@ def test_mixture_yaml(world: Path) -> None:
 
 
 def test_classes_and_natural_answers_cover_prefix() -> None:
-    # The natural-task factor varies fastest: any class prefix covers all natural answers.
+    # Scenes and charts: the natural-task factor varies fastest, any class prefix covers all
+    # natural answers. Cells: the stain varies slowest, four classes per stain.
     assert {S.natural_answer(S.class_attributes("charts", c)) for c in range(4)} == set(S.ORDINALS)
-    assert {S.natural_answer(S.class_attributes("cells", c)) for c in range(2)} == {"yes", "no"}
+    assert {S.natural_answer(S.class_attributes("cells", c)) for c in range(8)} == set(
+        list(S.CELL_STAINS)[:2]
+    )
     for spec in S.DATASETS:
         attrs = [S.class_attributes(spec.name, c) for c in range(spec.max_classes)]
         assert len({tuple(sorted(a.items())) for a in attrs}) == spec.max_classes

@@ -51,7 +51,7 @@ def test_processor_expansion_matches_model(tiny_dir: Path) -> None:
     assert config.vision_feature_select_strategy == "default"
     images = [_image(0), _image(1, "charts")]
     batch = processor(
-        text=[PROMPT, "USER: <image>\nAre the cells dense? ASSISTANT: yes"],
+        text=[PROMPT, "USER: <image>\nWhat stain is on the slide? ASSISTANT: purple"],
         images=images,
         padding=True,
         return_tensors="pt",

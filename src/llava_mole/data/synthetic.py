@@ -37,8 +37,11 @@ as plain answers: mixing cost general 0.041 (beyond seed spread, closed by 2x th
 recovered 0.024 of it (within spread).
 
 A smaller share of samples (``natural_share``) asks one natural question per domain whose
-answer is consistent across domains (plain colour word, ordinal of the tallest bar,
-yes/no for density); these carry no conflict and act as a control.
+answer is consistent across domains (colour of the shape, ordinal of the tallest bar, name
+of the stain: words the captions use); these carry no conflict and act as a control. (The
+cells' question used to be "Are the cells dense?" with a yes/no answer: never seen in
+pretraining, it was learnt all-or-nothing -- 20-40 or 100-120 errors out of 250 depending on
+the seed, in single-domain and mixed runs alike -- and its noise swamped the code task's.)
 
 Images are 32x32 RGB PNGs, drawn at 4x resolution and box-downsampled so that shapes stay
 clean at the tiny size. Everything is seeded with :mod:`numpy` generators, so the output is
@@ -161,7 +164,7 @@ DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec(
         "cells",
         "biomedical",
-        "Are the cells dense?",
+        "What stain is on the slide?",
         2 * 2 * 8,
         "What is the code for this slide?",
         "slide",
@@ -215,8 +218,9 @@ def dataset_spec(name: str) -> DatasetSpec:
 def class_attributes(name: str, class_id: int) -> dict[str, Any]:
     """Decode a class id into its visual factors.
 
-    The factor of the natural task varies fastest, so any prefix of the class list
-    (``num_classes`` < max) still covers every natural answer.
+    In ``scenes`` and ``charts`` the factor of the natural task varies fastest, so any prefix
+    of the class list (``num_classes`` < max) covers every natural answer; in ``cells`` the
+    stain (the natural answer) varies slowest, so the first ``4 k`` classes use ``k`` stains.
 
     Args:
         name: Dataset name.
@@ -256,14 +260,14 @@ def natural_answer(attrs: Mapping[str, Any]) -> str:
         attrs: Attributes from :func:`class_attributes` or :func:`render`.
 
     Returns:
-        A colour word, an ordinal (``first``..``fourth``) or ``yes``/``no``.
+        A colour word, an ordinal (``first``..``fourth``) or a stain name.
     """
     name = attrs["dataset"]
     if name == "scenes":
         return str(attrs["colour"])
     if name == "charts":
         return ORDINALS[int(attrs["tallest"])]
-    return "yes" if attrs["dense"] else "no"
+    return str(attrs["stain"])
 
 
 def code_permutation(name: str, seed: int = 0, num_classes: int = 24) -> list[str]:
