@@ -14,6 +14,7 @@ from llava_mole.adapters.dispatch import (
     permute_rows,
     route,
     router_logits,
+    scale_rows,
 )
 from llava_mole.adapters.mole import MoLEMLP
 from llava_mole.adapters.state import STATE_ATTR, MoLEState, set_routing_domains
@@ -331,3 +332,42 @@ def test_grouped_paths_keep_no_sorted_copy_of_the_input(path):
     assert big and all(st.data_ptr() == x.untyped_storage().data_ptr() for st in big)
     check_against_reference(block, x.detach())  # and the gradients are still exact
     assert out.shape == x.shape
+
+
+def _saved_rank_activations(block: MoLEMLP, x: torch.Tensor) -> int:
+    """How many distinct (token x rank-r) activations autograd keeps for one forward."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x)
+    n, r, k = x.shape[0], block.rank, block.num_experts
+    sizes = {n * r * x.element_size(), n * k * r * x.element_size()}
+    # By storage: the grouped paths save per-expert row slices of one (N, r) tensor.
+    storages = {t.untyped_storage() for t in saved}
+    return len({st.data_ptr() for st in storages if st.nbytes() in sizes})
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gated_experts_keep_no_more_rank_activations_than_lora(path):
+    """LoRA keeps one ``A x`` per projection for B's gradient; MoLE only the gated product."""
+    x = torch.randn(50, 24, requires_grad=True)
+    lora_like = make_block(k=1, r=6, dispatch=path)  # one expert: LoRA's own operations
+    assert _saved_rank_activations(lora_like, x) == 3
+    block = make_block(k=3, r=6, dispatch=path)
+    assert _saved_rank_activations(block, x) == 3
+    check_against_reference(block, x.detach())
+
+
+def test_scale_rows_gradients_match_the_product():
+    torch.manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(7, 1, dtype=torch.float64) + 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(scale_rows, (h, w))
+    dense_h = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
+    dense_w = (torch.rand(7, 3, 1, dtype=torch.float64) + 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(scale_rows, (dense_h, dense_w))
+    # A zero weight (an unchosen expert in the dense path) gets a zero gradient, not a NaN.
+    w0 = torch.tensor([[0.0], [2.0]], requires_grad=True)
+    h0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    scale_rows(h0, w0).sum().backward()
+    assert torch.equal(w0.grad, torch.tensor([[0.0], [7.0]]))
+    assert torch.equal(h0.grad, torch.tensor([[0.0, 0.0], [2.0, 2.0]]))

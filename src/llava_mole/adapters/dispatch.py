@@ -251,6 +251,43 @@ def sorted_shrink(
     return _SortedShrink.apply(x, a, grouping, path)
 
 
+class _ScaleRows(torch.autograd.Function):
+    """``h * w`` (``w`` broadcast over the last dim) that keeps only the product for backward."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = h * w
+        ctx.save_for_backward(out, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, w = ctx.saved_tensors
+        grad_h = grad * w if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # d(h w)/dw = h = out / w. A zero weight (an expert the token was not sent to, or a
+            # softmax probability that underflowed, whose upstream gradient carries a factor of
+            # that same zero probability) gets a zero gradient.
+            wf = w.float()
+            dot = (grad.float() * out.float()).sum(-1, keepdim=True)
+            grad_w = torch.where(wf == 0, 0.0, dot / torch.where(wf == 0, 1.0, wf)).to(w.dtype)
+        return grad_h, grad_w
+
+
+def scale_rows(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Gate the experts' rank-r activations: ``h * w`` with ``w`` of shape ``(..., 1)``.
+
+    Equal to ``h * w``, but when ``w`` needs a gradient (a learned router) autograd keeps only
+    the product, which the expand GEMM that follows keeps anyway, instead of ``h`` as well:
+    one ``N x r`` activation per projection less, so that MoLE saves no more for backward than
+    LoRA (whose constant scaling needs nothing). ``dL/dw = sum(dL/d(hw) * hw) / w``.
+    """
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        return h * w
+    return _ScaleRows.apply(h, w)
+
+
 def sorted_lora_delta(
     x_sorted: torch.Tensor | None,
     a: torch.Tensor,
@@ -272,7 +309,7 @@ def sorted_lora_delta(
         shrunk: ``A_e x`` already computed (e.g. by :func:`sorted_shrink`), ``(N, r)``.
     """
     h = shrunk if shrunk is not None else grouped_linear(x_sorted.to(a.dtype), a, grouping, path)
-    h = h * (gate_sorted.to(h.dtype) * scaling)
+    h = scale_rows(h, gate_sorted.to(h.dtype) * scaling)
     out_dtype = x_sorted.dtype if x_sorted is not None else h.dtype
     return grouped_linear(h, b, grouping, path).to(out_dtype)
 
@@ -296,7 +333,7 @@ def dense_shrink(
     """
     k, r, _ = a.shape
     h = F.linear(x.to(a.dtype), a.reshape(k * r, -1)).view(-1, k, r)
-    h = (h * gate.unsqueeze(-1)).view(-1, k * r)
+    h = scale_rows(h, gate.unsqueeze(-1)).view(-1, k * r)
     return h, b.permute(1, 0, 2).reshape(b.shape[1], k * r)
 
 
