@@ -31,10 +31,10 @@ positions that produce the answer, not only at the image tokens.
 With ``make_data(code_answers="domain")`` the code answer also starts with what the image shows
 (``"shape xray"``, ``"chart xray"``, ``"slide xray"``), as answers in real domains come in the
 domain's own form, so the code word is predicted right after a token that differs by domain.
-Measured on the demo's setting (4 seeds) it did not make the learned routers separate the
-domains at the answer (separation 0.22-0.30, as with plain answers) and gave the same picture
-as plain answers: mixing cost general 0.041 (beyond seed spread, closed by 2x the steps), MoLE
-recovered 0.024 of it (within spread).
+Measured on the demo's setting (4 seeds, with the earlier yes/no cells question, see below) it
+did not make the learned routers separate the domains at the answer (separation 0.22-0.30, as
+with plain answers) and gave the same picture as plain answers: mixing cost general 0.041
+(beyond seed spread, closed by 2x the steps), MoLE recovered 0.024 of it (within spread).
 
 A smaller share of samples (``natural_share``) asks one natural question per domain whose
 answer is consistent across domains (colour of the shape, ordinal of the tallest bar, name
