@@ -61,7 +61,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"done: {s['steps']} steps, {s.get('tokens_per_s')} tokens/s; adapter in {result.output_dir}",
             flush=True,
         )
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """End torchrun's process group once every rank is done.
+
+    Left to interpreter teardown, the gloo/NCCL threads can abort a rank with SIGABRT
+    ("terminate called without an active exception") after a run that finished and saved.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
