@@ -42,17 +42,17 @@ DEMO_TRAIN = {
     # At 1e-2 MoLE training is unstable (loss spikes mid-run; also with a 10x lower router
     # learning rate), and it trails mixed LoRA; at 5e-3 it trains as well as LoRA or better.
     "learning_rate": 5.0e-3,
-    # 700 steps per domain. Measured on the same world and model build (2 seeds): at 1350 steps
-    # no mixing gap was beyond seed spread and every run was far from converged; at 2100 mixed
-    # LoRA is below single-domain LoRA on general and 2x the steps do not close the gap. The
-    # study then takes ~10 min on 2 cores (samples are 34 tokens without a system prompt).
+    # 700 steps per domain. On an earlier build of this world (2 seeds) 1350 steps left every
+    # run far from converged with no mixing gap beyond seed spread. At 2100 (commit 61a20d4,
+    # 4 seeds) mixed LoRA is 0.046 below single-domain LoRA on biomedical and MoLE recovers
+    # 0.038 of it, both beyond seed spread; 2x the steps close the gap too. The study takes
+    # ~8 min on 2 cores (samples are 34 tokens without a system prompt).
     "max_steps": 2100,
     # MoLE routes densely (all experts, weighted by router probability) for the first 20% of
-    # its steps, then top-1. Measured on this world (seeds 0-3, 2100 steps): top-1 from step 0
-    # scored .920/1.000/.732 (general/document/biomedical, seeds 0-1) and its routers did not
-    # learn to tell domains apart; with routing forced by the domain label MoLE reached
-    # .942/1.000/.878; with the dense warmup .932/1.000/.852, above mixed LoRA on general for
-    # 4 of 4 seeds. Plain LoRA has no router and ignores it.
+    # its steps, then top-1. Measured at commit 61a20d4 (seeds 0-3, 2100 steps): top-1 from
+    # step 0 scored .939/.996/.893 (general/document/biomedical), the dense warmup
+    # .933/.997/.906, routing by the domain label .958/.998/.921; the learned routers only
+    # partly separate the domains either way. Plain LoRA has no router and ignores it.
     "router_dense_warmup": 0.2,
     "per_device_batch_size": 16,
     "warmup_ratio": 0.03,
