@@ -306,6 +306,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters.inject import AdapterError
     from .data.formats import DataError
     from .models.loading import ModelLoadError
+    from .study.compare import StudyWorkersError
     from .train.config import ConfigError
     from .train.trainer import NonFiniteLossError
 
@@ -315,6 +316,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         ModelLoadError,
         NonFiniteLossError,
+        StudyWorkersError,
         ValueError,
         FileNotFoundError,
     )

@@ -6,6 +6,7 @@ test deletes parts of it and checks that exactly those are redone, leaving it co
 
 from __future__ import annotations
 
+import concurrent.futures as futures
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llava_mole.cli import main
 from llava_mole.study import compare
-from llava_mole.study.compare import StudyConfigError, run_study
+from llava_mole.study.compare import StudyConfigError, StudyWorkersError, run_study
 
 from .conftest import write_study
 
@@ -154,3 +156,35 @@ def test_parallel_workers_give_identical_runs(finished, study_world, tmp_path):
         assert run["loss_curve"] == curves[run["id"]], run["id"]
         assert (Path(run["run_dir"]) / "study.log").stat().st_size > 0  # worker output kept
     assert parallel["routing"] == {"mix_mole": serial["routing"]["mix_mole"]}
+
+
+class _DeadPool:
+    """A process pool whose workers are already gone (as after an OOM kill)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def submit(self, fn, *args):
+        future = futures.Future()
+        future.set_exception(futures.process.BrokenProcessPool("a child process terminated"))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False) -> None:
+        pass
+
+
+def test_a_dead_worker_pool_is_one_clear_error(study_world, tmp_path, monkeypatch, capsys):
+    study = write_study(tmp_path / "s.yaml", study_world, settings=["mix_lora"], workers=2)
+    monkeypatch.setattr(futures, "ProcessPoolExecutor", _DeadPool)
+    with pytest.raises(StudyWorkersError, match="worker processes stopped abruptly"):
+        run_study(study, tmp_path / "out", progress=False)
+    assert "study.log" not in capsys.readouterr().out  # no pointer to a log that was never written
+    assert main(["compare", str(study), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the study's worker processes stopped abruptly" in err and "Traceback" not in err

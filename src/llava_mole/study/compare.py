@@ -103,6 +103,10 @@ class StudyConfigError(ValueError):
     """A study YAML problem; the message names the file and the dotted key."""
 
 
+class StudyWorkersError(RuntimeError):
+    """The process pool running the study's runs died (not an error of one run)."""
+
+
 @dataclass
 class EvalSection:
     """How every run is evaluated.
@@ -872,6 +876,13 @@ def _run_all(study: StudyConfig, specs: list[RunSpec], progress: bool) -> None:
                 spec = pending[future]
                 try:
                     outcome = future.result()
+                except futures.process.BrokenProcessPool as err:
+                    raise StudyWorkersError(
+                        f"the study's worker processes stopped abruptly (run {spec.id} did not "
+                        "finish): a worker was killed (out of memory?), or a script calling "
+                        'run_study lacks `if __name__ == "__main__":` (workers start with '
+                        "spawn); finished runs are kept, run the study again to continue"
+                    ) from err
                 except BaseException:
                     print(f"[study] run {spec.id} failed; see {spec.run_dir}/study.log", flush=True)
                     raise
