@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from llava_mole.eval.metrics import (
@@ -24,6 +24,7 @@ from llava_mole.eval.metrics import (
     open_recall,
     pathvqa_score,
     relaxed_accuracy,
+    relaxed_accuracy_lenient,
     score_predictions,
     vqa_accuracy,
 )
@@ -125,11 +126,13 @@ def test_vqa_accuracy_order_of_refs_does_not_matter() -> None:
     assert vqa_accuracy("cat", refs) == pytest.approx(0.6)  # same as 2 matches above
 
 
+@pytest.mark.filterwarnings("ignore::llava_mole.eval.metrics.FewReferencesWarning")
 def test_vqa_accuracy_fewer_than_ten_refs() -> None:
-    # Documented: with < 10 refs, acc = min(matches / 3, 1) over all refs.
+    # Documented: with n < 10 refs, acc = min(matches / min(3, n), 1) over all refs.
     assert vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(2 / 3)  # 2/3
     assert vqa_accuracy("cat", ["cat"] * 5) == 1.0  # min(5/3, 1)
-    assert vqa_accuracy("cat", "cat") == pytest.approx(1 / 3)  # single ref: min(1/3, 1)
+    # single ref: min(1/1, 1). Was min(1/3, 1) = 1/3, the silent cap issue 17 removes.
+    assert vqa_accuracy("cat", "cat") == 1.0
     assert vqa_accuracy("cat", ["dog"]) == 0.0
 
 
@@ -195,10 +198,11 @@ def test_anls_hand_worked() -> None:
 
 
 def test_anls_threshold_boundary() -> None:
-    # "ab" vs "ax": distance 1, max len 2 -> NL = 0.5, not < 0.5 -> 0
-    assert anls("ab", "ax") == 0.0
-    # with threshold 0.6: 0.5 < 0.6 -> 1 - 0.5 = 0.5
-    assert anls("ab", "ax", threshold=0.6) == pytest.approx(0.5)
+    # "ab" vs "ax": distance 1, max len 2 -> NL = 0.5 -> score 0.5, not < 0.5 -> kept
+    # (lmms-eval's rule; the earlier "NL < 0.5" rule gave 0 here, see issue 17)
+    assert anls("ab", "ax") == pytest.approx(0.5)
+    # with threshold 0.6 (compared with the score): 0.5 < 0.6 -> 0
+    assert anls("ab", "ax", threshold=0.6) == 0.0
     # "abcd" vs "abcx": NL = 1/4 = 0.25 -> 0.75
     assert anls("abcd", "abcx") == pytest.approx(0.75)
 
@@ -237,40 +241,44 @@ def test_parse_number(text: str, value: float | None) -> None:
     assert _parse_number(text) == value
 
 
-def test_relaxed_accuracy_numeric() -> None:
+# The definition these tests worked out by hand is now `relaxed_accuracy_lenient`; the default
+# `relaxed_accuracy` is lmms-eval's (tests/eval/test_metrics_official.py).
+
+
+def test_relaxed_accuracy_lenient_numeric() -> None:
     # |10.4 - 10| = 0.4 <= 0.05 * 10 = 0.5 -> correct
-    assert relaxed_accuracy("10.4", "10") == 1.0
+    assert relaxed_accuracy_lenient("10.4", "10") == 1.0
     # |10.6 - 10| = 0.6 > 0.5 -> wrong
-    assert relaxed_accuracy("10.6", "10") == 0.0
+    assert relaxed_accuracy_lenient("10.6", "10") == 0.0
     # |-10.4 - (-10)| = 0.4 <= 0.05 * |-10| = 0.5
-    assert relaxed_accuracy("-10.4", "-10") == 1.0
+    assert relaxed_accuracy_lenient("-10.4", "-10") == 1.0
     # "12%" -> 12 and "12" -> 12: difference 0
-    assert relaxed_accuracy("12%", "12") == 1.0
-    assert relaxed_accuracy("12", "12%") == 1.0
+    assert relaxed_accuracy_lenient("12%", "12") == 1.0
+    assert relaxed_accuracy_lenient("12", "12%") == 1.0
     # "1,000" -> 1000 vs 1040: |40| <= 50
-    assert relaxed_accuracy("1,000", "1040") == 1.0
+    assert relaxed_accuracy_lenient("1,000", "1040") == 1.0
     # tolerance override: |10.6 - 10| = 0.6 <= 0.1 * 10 = 1.0
-    assert relaxed_accuracy("10.6", "10", tolerance=0.1) == 1.0
+    assert relaxed_accuracy_lenient("10.6", "10", tolerance=0.1) == 1.0
 
 
-def test_relaxed_accuracy_zero_reference_needs_exact() -> None:
+def test_relaxed_accuracy_lenient_zero_reference_needs_exact() -> None:
     # tolerance * |0| = 0, so only an exact 0 counts
-    assert relaxed_accuracy("0", "0") == 1.0
-    assert relaxed_accuracy("0.0", "0") == 1.0
-    assert relaxed_accuracy("0.01", "0") == 0.0
+    assert relaxed_accuracy_lenient("0", "0") == 1.0
+    assert relaxed_accuracy_lenient("0.0", "0") == 1.0
+    assert relaxed_accuracy_lenient("0.01", "0") == 0.0
 
 
-def test_relaxed_accuracy_text_falls_back_to_exact_match() -> None:
-    assert relaxed_accuracy("Yes.", "yes") == 1.0  # normalised exact match
-    assert relaxed_accuracy("red", "blue") == 0.0
-    assert relaxed_accuracy("10", "ten") == 0.0  # only one side numeric -> string compare
-    assert relaxed_accuracy("", "10") == 0.0  # empty prediction
+def test_relaxed_accuracy_lenient_text_falls_back_to_exact_match() -> None:
+    assert relaxed_accuracy_lenient("Yes.", "yes") == 1.0  # normalised exact match
+    assert relaxed_accuracy_lenient("red", "blue") == 0.0
+    assert relaxed_accuracy_lenient("10", "ten") == 0.0  # only one side numeric -> string compare
+    assert relaxed_accuracy_lenient("", "10") == 0.0  # empty prediction
 
 
-def test_relaxed_accuracy_multiple_refs() -> None:
+def test_relaxed_accuracy_lenient_multiple_refs() -> None:
     # 20 is outside 5% of 10 but equals the second reference
-    assert relaxed_accuracy("20", ["10", "20"]) == 1.0
-    assert relaxed_accuracy("blue", ["10", "Blue"]) == 1.0
+    assert relaxed_accuracy_lenient("20", ["10", "20"]) == 1.0
+    assert relaxed_accuracy_lenient("blue", ["10", "Blue"]) == 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -393,6 +401,14 @@ def test_score_predictions_missing_field() -> None:
 _answers = st.text(max_size=30)
 
 
+def _is_nan_or_inf(text: str) -> bool:
+    try:
+        value = float(text.rstrip("%") if text.endswith("%") else text)
+    except ValueError:
+        return False
+    return value != value or value in (float("inf"), float("-inf"))
+
+
 @given(_answers, st.lists(_answers, min_size=1, max_size=12))
 def test_scores_are_in_unit_interval(pred: str, refs: list[str]) -> None:
     for name, metric in METRICS.items():
@@ -402,6 +418,9 @@ def test_scores_are_in_unit_interval(pred: str, refs: list[str]) -> None:
 
 @given(_answers)
 def test_identical_answer_scores_one(answer: str) -> None:
+    # lmms-eval's relaxed correctness scores "nan" / "inf" 0 even against themselves
+    # (tests/eval/test_metrics_official.py); every other answer matches itself.
+    assume(not _is_nan_or_inf(answer))
     assert exact_match(answer, answer) == 1.0
     assert anls(answer, answer) == 1.0
     assert relaxed_accuracy(answer, answer) == 1.0

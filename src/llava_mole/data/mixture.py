@@ -16,18 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
+from ..eval.metrics import ALL_METRICS, METRICS
 from .collate import InstructDataset
 from .formats import DataConfigError, LoadReport, Sample, load_llava_file
 from .images import DEFAULT_MAX_PIXELS, IMAGE_MODES, image_checker
 from .templates import TEMPLATES
 
-KNOWN_METRICS: tuple[str, ...] = (
-    "exact_match",
-    "vqa_accuracy",
-    "anls",
-    "relaxed_accuracy",
-    "pathvqa",
-)
+KNOWN_METRICS: tuple[str, ...] = tuple(METRICS)
+"""The default (official) metrics; a mixture may also name a lenient variant (`ALL_METRICS`)."""
 SPLITS: tuple[str, ...] = ("train", "test")
 SELECT_MODES: tuple[str, ...] = ("first", "random")
 
@@ -62,7 +58,7 @@ class DatasetSpec:
         select: "first" or "random".
         repeat: Upsampling factor of the train split.
         test_take: How much of the test split to use.
-        metric: Evaluation metric name (one of `KNOWN_METRICS`).
+        metric: Evaluation metric name (a key of `llava_mole.eval.metrics.ALL_METRICS`).
     """
 
     name: str
@@ -251,7 +247,7 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
             repeat=check.positive_int(entry.get("repeat", 1), f"{prefix}.repeat"),
             test_take=check.take(entry.get("test_take", "all"), f"{prefix}.test_take"),
             metric=check.choice(
-                entry.get("metric", "exact_match"), f"{prefix}.metric", KNOWN_METRICS
+                entry.get("metric", "exact_match"), f"{prefix}.metric", tuple(ALL_METRICS)
             ),
         )
         if metric_of.setdefault(domain, spec.metric) != spec.metric:

@@ -1,9 +1,10 @@
-"""Answer-level evaluation metrics for the LLaVA-MoLE benchmark suite.
+"""Answer-level evaluation metrics: the single registry of metric names.
 
 Every metric scores *one* prediction against one or more reference answers and returns a
 float in ``[0, 1]``. Metrics share the call signature ``metric(pred, refs) -> float`` where
 ``refs`` is either a single string or a non-empty sequence of strings, so they can be looked up
-by name in :data:`METRICS` and applied uniformly by :func:`score_predictions`.
+by name and applied uniformly by :func:`score_predictions`. A mixture names one metric per
+domain (``metric:`` in the YAML, one of :data:`ALL_METRICS`).
 
 Conventions shared by all metrics:
 
@@ -12,77 +13,73 @@ Conventions shared by all metrics:
   no ground truth cannot be scored; silently returning 0 would bias the means).
 * An empty prediction is a valid (usually wrong) answer and is scored normally.
 
-Implemented metrics:
+Default metrics (:data:`METRICS`), identical to the public evaluators that published numbers
+come from (quirks included, see :mod:`llava_mole.eval.metrics_official`):
 
-* :func:`exact_match` -- SQuAD-style normalised exact match.
-* :func:`vqa_accuracy` -- VQAv2 / TextVQA soft accuracy with the official normalisation.
-* :func:`anls` -- DocVQA Average Normalized Levenshtein Similarity (per question).
-* :func:`relaxed_accuracy` -- ChartQA relaxed accuracy (5% relative tolerance on numbers).
-* :func:`closed_accuracy`, :func:`open_recall`, :func:`pathvqa_score` -- PathVQA-style
-  closed (yes/no) accuracy and open-ended token recall.
+* ``exact_match`` -- :func:`exact_match`, SQuAD-style normalised exact match.
+* ``vqa_accuracy`` -- :func:`vqa_accuracy`, LLaVA's ``m4c_evaluator.py`` (EvalAI answer
+  processor + TextVQA leave-one-out accuracy) for VQAv2 / TextVQA.
+* ``anls`` -- :func:`anls`, lmms-eval's DocVQA ANLS.
+* ``relaxed_accuracy`` -- :func:`relaxed_accuracy`, lmms-eval's ChartQA relaxed correctness.
+* ``pathvqa`` -- :func:`pathvqa_score`: :func:`closed_accuracy` for yes/no references,
+  :func:`open_recall` otherwise.
+
+Lenient variants (:data:`METRIC_VARIANTS`, see :mod:`llava_mole.eval.metrics_lenient`), not
+comparable with published numbers: ``vqa_accuracy_lenient``, ``anls_normalized``,
+``relaxed_accuracy_lenient``.
 """
 
 from __future__ import annotations
 
-import itertools
-import re
-import string
+import inspect
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .answers import References, levenshtein, normalize_answer, ref_list
+from .metrics_lenient import (
+    _parse_number,
+    anls_normalized,
+    normalize_vqa_answer,
+    relaxed_accuracy_lenient,
+    vqa_accuracy_lenient,
+)
+from .metrics_official import (
+    FewReferencesWarning,
+    anls,
+    evalai_process_answer,
+    relaxed_accuracy,
+    relaxed_correctness,
+    vqa_accuracy,
+)
+
 __all__ = [
+    "ALL_METRICS",
     "METRICS",
+    "METRIC_VARIANTS",
+    "FewReferencesWarning",
     "anls",
+    "anls_normalized",
     "closed_accuracy",
+    "evalai_process_answer",
     "exact_match",
     "levenshtein",
+    "metric_for",
     "normalize_answer",
     "normalize_vqa_answer",
     "open_recall",
     "pathvqa_score",
     "relaxed_accuracy",
+    "relaxed_accuracy_lenient",
+    "relaxed_correctness",
     "score_predictions",
     "vqa_accuracy",
+    "vqa_accuracy_lenient",
 ]
 
-References = str | Sequence[str]
-
-
-def _ref_list(refs: References) -> list[str]:
-    """Return ``refs`` as a list of strings, rejecting an empty reference set."""
-    if isinstance(refs, str):
-        return [refs]
-    out = list(refs)
-    if not out:
-        raise ValueError("refs must contain at least one reference answer")
-    for ref in out:
-        if not isinstance(ref, str):
-            raise TypeError(f"reference answers must be str, got {type(ref).__name__}")
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Generic normalised exact match (SQuAD convention)
-# ---------------------------------------------------------------------------
-
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
-_ARTICLES_RE = re.compile(r"\b(?:a|an|the)\b")
-
-
-def normalize_answer(s: str) -> str:
-    """Normalise a free-form answer the way the SQuAD evaluation script does.
-
-    Steps, in order: lowercase; delete every ASCII punctuation character (``string.punctuation``,
-    deleted rather than replaced by a space, so ``"x-ray"`` becomes ``"xray"``); remove the
-    articles ``a``, ``an`` and ``the`` as whole words; collapse runs of whitespace to one space
-    and strip the ends.
-
-    Reference: https://rajpurkar.github.io/SQuAD-explorer/ (official v1.1 evaluation script).
-    """
-    s = s.lower().translate(_PUNCT_TABLE)
-    s = _ARTICLES_RE.sub(" ", s)
-    return " ".join(s.split())
+# Kept importable from here (they moved to the modules above).
+_ = (_parse_number, levenshtein, normalize_vqa_answer)
+_ref_list = ref_list
 
 
 def exact_match(pred: str, refs: References) -> float:
@@ -94,252 +91,7 @@ def exact_match(pred: str, refs: References) -> float:
     Reference: https://rajpurkar.github.io/SQuAD-explorer/
     """
     target = normalize_answer(pred)
-    return float(any(normalize_answer(r) == target for r in _ref_list(refs)))
-
-
-# ---------------------------------------------------------------------------
-# VQAv2 / TextVQA accuracy
-# ---------------------------------------------------------------------------
-
-# Characters the official VQA evaluation treats as punctuation. Note that the apostrophe,
-# colon, ``*``, ``#``, ``$``, ``%``, ``&``, ``^``, ``|`` and ``~`` are *not* in the official list
-# and therefore survive normalisation; the period is handled separately.
-_VQA_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
-# A comma between two digits ("1,000") switches punctuation handling to delete-mode.
-_VQA_DIGIT_COMMA_RE = re.compile(r"\d,\d")
-# The official period regex is written as a lookbehind but (because of a typo) behaves as
-# "a period that is not followed by a digit"; we reproduce the effective behaviour, so
-# "3.5" keeps its period while "yes." and "1." lose theirs.
-_VQA_PERIOD_RE = re.compile(r"\.(?!\d)")
-_VQA_NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
-_VQA_ARTICLES = frozenset({"a", "an", "the"})
-
-# Canonical contractions. Following the official VQA convention, a word typed without some or
-# all of its apostrophes (e.g. "dont", "couldnt've") is mapped to the canonical spelling.
-_CANONICAL_CONTRACTIONS = (
-    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
-    "hasn't haven't he'd he'd've he'll he's how'd how'll how's i'd i'd've i'll i'm i've isn't "
-    "it'd it'd've it'll it's let's ma'am mightn't mightn't've might've mustn't must've needn't "
-    "not've o'clock oughtn't shan't she'd she'd've she'll she's should've shouldn't "
-    "shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've "
-    "someone'll someone's something'd something'd've something'll something's that'll that's "
-    "there'd there'd've there're there's they'd they'd've they'll they're they've 'twas "
-    "wasn't we'd we'd've we'll we're we've weren't what'll what're what's what've when's "
-    "where'd where's where've who'd who'd've who'll who're who's who've why'll why're why's "
-    "won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll "
-    "you're you've"
-).split()
-# Apostrophe-free spellings that are ordinary English words are left untouched
-# ("its", "well", "were", ...), as in the official table.
-_CONTRACTION_EXCLUDED = frozenset(
-    {"id", "ill", "its", "hell", "lets", "shed", "shell", "wed", "well", "were", "whore"}
-)
-
-
-def _build_contractions() -> dict[str, str]:
-    """Map every apostrophe-dropped variant of each canonical contraction to the canonical."""
-    table: dict[str, str] = {}
-    for canonical in _CANONICAL_CONTRACTIONS:
-        pieces = canonical.split("'")
-        n_gaps = len(pieces) - 1
-        for keep in itertools.product((True, False), repeat=n_gaps):
-            if all(keep):
-                continue  # the canonical spelling itself
-            variant = pieces[0]
-            for keep_gap, piece in zip(keep, pieces[1:], strict=True):
-                variant += ("'" if keep_gap else "") + piece
-            if variant not in _CONTRACTION_EXCLUDED:
-                table.setdefault(variant, canonical)
-    return table
-
-
-_VQA_CONTRACTIONS = _build_contractions()
-
-
-def _vqa_process_punctuation(text: str) -> str:
-    """Official VQA punctuation step.
-
-    Each punctuation mark is *deleted* if it is adjacent to a space in the input or if the
-    input contains a digit-comma-digit pattern (``"1,000"`` -> ``"1000"``); otherwise it is
-    *replaced by a space* (``"black/white"`` -> ``"black white"``). Finally, periods not
-    followed by a digit are deleted.
-    """
-    delete_mode = _VQA_DIGIT_COMMA_RE.search(text) is not None
-    out = text
-    for mark in _VQA_PUNCT:
-        if delete_mode or (mark + " ") in text or (" " + mark) in text:
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _VQA_PERIOD_RE.sub("", out)
-
-
-def _vqa_process_digits_articles(text: str) -> str:
-    """Official VQA word step: lowercase, number words -> digits, drop articles, contractions."""
-    words = []
-    for word in text.lower().split():
-        word = _VQA_NUMBER_WORDS.get(word, word)
-        if word not in _VQA_ARTICLES:
-            words.append(_VQA_CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-def normalize_vqa_answer(s: str) -> str:
-    """Normalise an answer with the official VQA evaluation rules.
-
-    1. Newlines and tabs become spaces; the ends are stripped.
-    2. Punctuation (see :func:`_vqa_process_punctuation`): marks from the official list are
-       deleted when next to a space or when the answer contains a digit-comma-digit pattern,
-       and replaced by a space otherwise; a period is removed unless a digit follows it.
-    3. Lowercase; number words ``none``/``zero`` .. ``ten`` become digits (``"two"`` -> ``"2"``);
-       the articles ``a``/``an``/``the`` are dropped; apostrophe-less contractions are
-       restored (``"dont"`` -> ``"don't"``); whitespace is collapsed.
-
-    Reference: https://visualqa.org/evaluation.html
-    """
-    s = s.replace("\n", " ").replace("\t", " ").strip()
-    return _vqa_process_digits_articles(_vqa_process_punctuation(s))
-
-
-def vqa_accuracy(pred: str, refs: References) -> float:
-    """VQAv2 / TextVQA soft accuracy for one question.
-
-    Prediction and references are normalised with :func:`normalize_vqa_answer` (the official
-    evaluation normalises the human answers at dataset-build time; normalising them here keeps
-    the metric idempotent on raw annotations). With ``m`` matching references:
-
-    * ``len(refs) >= 10`` (the official setting with 10 human answers): average over the
-      leave-one-out subsets, ``acc = mean_i min(m_{-i} / 3, 1)`` where ``m_{-i}`` counts the
-      matches among all references except the ``i``-th.
-    * fewer references: ``acc = min(m / 3, 1)`` over all references. Note that this means a
-      single matching reference scores only ``1/3``; use :func:`exact_match` for datasets with
-      one reference answer.
-
-    Raises :class:`ValueError` for an empty reference list.
-
-    Reference: https://visualqa.org/evaluation.html
-    """
-    ref_list = _ref_list(refs)
-    target = normalize_vqa_answer(pred)
-    hits = [normalize_vqa_answer(r) == target for r in ref_list]
-    total = sum(hits)
-    if len(ref_list) < 10:
-        return min(total / 3.0, 1.0)
-    return sum(min((total - hit) / 3.0, 1.0) for hit in hits) / len(hits)
-
-
-# ---------------------------------------------------------------------------
-# DocVQA ANLS
-# ---------------------------------------------------------------------------
-
-
-def levenshtein(a: str, b: str) -> int:
-    """Levenshtein edit distance (unit-cost insertions, deletions and substitutions).
-
-    Classic two-row dynamic programme, ``O(len(a) * len(b))`` time and ``O(min)`` memory.
-
-    Reference: https://en.wikipedia.org/wiki/Levenshtein_distance
-    """
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(
-                min(
-                    previous[j] + 1,  # delete char_a
-                    current[j - 1] + 1,  # insert char_b
-                    previous[j - 1] + (char_a != char_b),  # substitute / match
-                )
-            )
-        previous = current
-    return previous[-1]
-
-
-def anls(pred: str, refs: References, threshold: float = 0.5) -> float:
-    """Average Normalized Levenshtein Similarity for one DocVQA question.
-
-    Strings are lowercased and stripped of leading/trailing whitespace. For each reference
-    ``r``: ``NL = levenshtein(pred, r) / max(len(pred), len(r))`` (``NL = 0`` when both are
-    empty) and ``s(r) = 1 - NL`` if ``NL < threshold`` else ``0``. The question score is
-    ``max_r s(r)``; the dataset ANLS is the mean of these scores. Raises :class:`ValueError`
-    for an empty reference list.
-
-    Reference: https://arxiv.org/abs/1905.13648 (ST-VQA, where ANLS is defined) and
-    https://arxiv.org/abs/2007.00398 (DocVQA).
-    """
-    p = pred.strip().lower()
-    best = 0.0
-    for ref in _ref_list(refs):
-        r = ref.strip().lower()
-        longest = max(len(p), len(r))
-        nl = levenshtein(p, r) / longest if longest else 0.0
-        if nl < threshold:
-            best = max(best, 1.0 - nl)
-    return best
-
-
-# ---------------------------------------------------------------------------
-# ChartQA relaxed accuracy
-# ---------------------------------------------------------------------------
-
-_NUMBER_RE = re.compile(
-    r"[+-]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-)
-
-
-def _parse_number(text: str) -> float | None:
-    """Parse ``text`` as a number, allowing surrounding spaces, thousands commas and a ``%``.
-
-    ``"12%"`` parses as ``12.0`` (the percent sign is dropped, not divided by 100), and
-    ``"1,234.5"`` as ``1234.5``. Returns ``None`` for anything else (including ``nan``/``inf``).
-    """
-    s = text.strip()
-    if s.endswith("%"):
-        s = s[:-1].rstrip()
-    if not _NUMBER_RE.fullmatch(s):
-        return None
-    return float(s.replace(",", ""))
-
-
-def relaxed_accuracy(pred: str, refs: References, tolerance: float = 0.05) -> float:
-    """ChartQA relaxed accuracy for one question.
-
-    If both the prediction and a reference parse as numbers (see :func:`_parse_number`), the
-    answer is correct when ``|pred - ref| <= tolerance * |ref|`` (so a reference of ``0``
-    requires an exact ``0``). Otherwise the answer is correct on normalised exact match
-    (:func:`normalize_answer`). The score is the max over references. Raises
-    :class:`ValueError` for an empty reference list.
-
-    Unlike the Pix2Struct reference implementation, ``"12%"`` is read as ``12`` rather than
-    ``0.12``, so ``"12%"`` and ``"12"`` are both accepted for a reference of ``12``.
-
-    Reference: https://arxiv.org/abs/2203.10244 (ChartQA, Sec. 5).
-    """
-    pred_num = _parse_number(pred)
-    pred_norm = normalize_answer(pred)
-    for ref in _ref_list(refs):
-        ref_num = _parse_number(ref)
-        if pred_num is not None and ref_num is not None:
-            if abs(pred_num - ref_num) <= tolerance * abs(ref_num):
-                return 1.0
-        elif pred_norm == normalize_answer(ref):
-            return 1.0
-    return 0.0
+    return float(any(normalize_answer(r) == target for r in ref_list(refs)))
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +151,7 @@ def pathvqa_score(pred: str, refs: References) -> float:
     Reference: https://arxiv.org/abs/2003.10286
     """
     best = 0.0
-    for ref in _ref_list(refs):
+    for ref in ref_list(refs):
         if normalize_answer(ref) in _YES_NO:
             score = closed_accuracy(pred, ref)
         else:
@@ -412,14 +164,41 @@ def pathvqa_score(pred: str, refs: References) -> float:
 # Registry and aggregation
 # ---------------------------------------------------------------------------
 
-METRICS: dict[str, Callable[[str, str | list[str]], float]] = {
+Metric = Callable[..., float]
+
+METRICS: dict[str, Metric] = {
     "exact_match": exact_match,
     "vqa_accuracy": vqa_accuracy,
     "anls": anls,
     "relaxed_accuracy": relaxed_accuracy,
     "pathvqa": pathvqa_score,
 }
-"""Metric name -> ``metric(pred, refs) -> float`` (default thresholds/tolerances)."""
+"""Default metric name -> ``metric(pred, refs) -> float`` (official definitions)."""
+
+METRIC_VARIANTS: dict[str, Metric] = {
+    "vqa_accuracy_lenient": vqa_accuracy_lenient,
+    "anls_normalized": anls_normalized,
+    "relaxed_accuracy_lenient": relaxed_accuracy_lenient,
+}
+"""Lenient variants, each fixing quirks of the official metric it is named after."""
+
+ALL_METRICS: dict[str, Metric] = {**METRICS, **METRIC_VARIANTS}
+"""Every metric name a mixture may give a domain."""
+
+
+def metric_for(name: str, dataset: str | None = None) -> Callable[[str, References], float]:
+    """The metric called ``name``, with ``dataset`` bound where the metric takes it (it names
+    the dataset in `vqa_accuracy`'s few-references warning).
+
+    Raises:
+        ValueError: Unknown metric name.
+    """
+    if name not in ALL_METRICS:
+        raise ValueError(f"unknown metric {name!r}; known metrics: {sorted(ALL_METRICS)}")
+    fn = ALL_METRICS[name]
+    if "dataset" in inspect.signature(fn).parameters:
+        return lambda pred, refs: fn(pred, refs, dataset=dataset)
+    return fn
 
 
 def score_predictions(
@@ -429,7 +208,8 @@ def score_predictions(
 
     Each record is a mapping with keys ``id``, ``domain``, ``prediction`` and ``reference``
     (a string or a list of strings). The record is scored with the metric named by
-    ``metric_by_domain[record["domain"]]`` (a key of :data:`METRICS`).
+    ``metric_by_domain[record["domain"]]`` (a key of :data:`ALL_METRICS`); the domain name is
+    the dataset name of `vqa_accuracy`'s once-per-dataset warning about fewer than 10 answers.
 
     Returns::
 
@@ -455,10 +235,12 @@ def score_predictions(
     averaging).
     """
     for domain, name in metric_by_domain.items():
-        if name not in METRICS:
+        if name not in ALL_METRICS:
             raise ValueError(
-                f"unknown metric {name!r} for domain {domain!r}; known metrics: {sorted(METRICS)}"
+                f"unknown metric {name!r} for domain {domain!r}; "
+                f"known metrics: {sorted(ALL_METRICS)}"
             )
+    metrics = {d: metric_for(name, dataset=d) for d, name in metric_by_domain.items()}
 
     scores_by_domain: dict[str, list[float]] = {}
     for record in records:
@@ -468,9 +250,8 @@ def score_predictions(
         domain = record["domain"]
         if domain not in metric_by_domain:
             raise ValueError(f"no metric assigned to domain {domain!r} (record {record['id']!r})")
-        metric = METRICS[metric_by_domain[domain]]
         scores_by_domain.setdefault(domain, []).append(
-            float(metric(record["prediction"], record["reference"]))
+            float(metrics[domain](record["prediction"], record["reference"]))
         )
 
     per_domain = {
