@@ -17,7 +17,8 @@ Balance losses (``P_k`` mean router probability, ``f_k`` share of routed tokens,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ class MoLEState:
         self.dense_routing = False
         self.route_experts: torch.Tensor | None = None  # (B,) for router="domain"
         self.stats: dict[int, torch.Tensor] = {}
+        self.trace: RoutingTrace | None = None  # set by :func:`trace_routing`
         self.begin_forward(None, None)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -67,6 +69,8 @@ class MoLEState:
         self.z_loss: list[torch.Tensor] = []
         self.loads: list[torch.Tensor] = []
         self._pooled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if self.trace is not None:
+            self.trace.forwards.append({})
 
     def _align(self, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
         # With a KV cache the mask covers past + current tokens; the block sees the current ones.
@@ -86,6 +90,8 @@ class MoLEState:
             routing: the block's :class:`Routing`.
             batch_shape: leading shape of the block input, ``(B, T)`` or ``(N,)``.
         """
+        if self.trace is not None and not _in_backward():
+            self.trace.add(block, routing.experts, batch_shape)
         if not torch.is_grad_enabled() and not self.collect_stats:
             # Inference (generate, evaluation): nothing reads the loss terms, and computing
             # them would launch a dozen small kernels per block per decoding step.
@@ -176,6 +182,63 @@ class MoLEState:
         if self.z_loss:
             total = total + self.config.router_z_coef * torch.stack(self.z_loss).mean()
         return total
+
+
+class RoutingTrace:
+    """The experts every MoLE block chose in every model forward inside :func:`trace_routing`.
+
+    Attributes:
+        num_blocks: Number of MoLE blocks of the model.
+        num_experts: Experts per block.
+        forwards: One ``{block: experts (B, T, top_k) int64}`` per model forward, in order
+            (a ``generate`` call: the prompt forward, then one forward per new token).
+    """
+
+    def __init__(self, num_blocks: int, num_experts: int) -> None:
+        self.num_blocks = num_blocks
+        self.num_experts = num_experts
+        self.forwards: list[dict[int, torch.Tensor]] = []
+
+    def add(self, block: int, experts: torch.Tensor, batch_shape: tuple[int, ...]) -> None:
+        """Record the experts ``(N, top_k)`` one block chose for an input of ``batch_shape``."""
+        if not self.forwards:  # blocks called outside a model forward
+            self.forwards.append({})
+        shape = tuple(batch_shape) if len(batch_shape) == 2 else (1, experts.shape[0])
+        self.forwards[-1][block] = experts.detach().reshape(*shape, experts.shape[-1])
+
+    def top_experts(self, forward: int = -1) -> torch.Tensor | None:
+        """``(B, T, num_blocks)`` highest-probability expert of each token of one forward, on the
+        CPU (None: no forward recorded, or not every block ran in it)."""
+        if not self.forwards or len(self.forwards[forward]) != self.num_blocks:
+            return None
+        record = self.forwards[forward]
+        return torch.stack([record[b][..., 0] for b in sorted(record)], dim=-1).cpu()
+
+
+@contextmanager
+def trace_routing(model: nn.Module) -> Iterator[RoutingTrace]:
+    """Records, per forward and MoLE block, the expert(s) each token went to.
+
+    Example::
+
+        with trace_routing(model) as trace:
+            model.generate(**inputs)
+        prompt_experts = trace.top_experts(0)  # (B, T_prompt, blocks)
+
+    Nests with routing statistics and costs no extra kernels (the routers' choices are kept).
+
+    Raises:
+        ValueError: The model has no MoLE blocks.
+    """
+    state = get_state(model)
+    if state is None:
+        raise ValueError("the model has no MoLE blocks (apply_mole with mode='mole' first)")
+    trace = RoutingTrace(state.num_blocks, state.config.num_experts)
+    previous, state.trace = state.trace, trace
+    try:
+        yield trace
+    finally:
+        state.trace = previous
 
 
 def get_state(model: nn.Module) -> MoLEState | None:

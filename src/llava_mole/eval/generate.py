@@ -4,7 +4,9 @@
 padding), scores the answers per domain with the mixture's metrics and, for MoLE adapters,
 measures which experts the routers pick per domain and token type (text / image) with one
 teacher-forced forward per batch. :func:`predict` answers one question about one image. Both
-decode through :func:`generate_answers`, the only place that calls ``model.generate``.
+decode through :func:`generate_answers`, a greedy front end of
+:func:`llava_mole.eval.decoding.generate_batch`, the only place that calls ``model.generate``
+(the server of :mod:`llava_mole.serve` uses it too).
 """
 
 from __future__ import annotations
@@ -44,13 +46,25 @@ from llava_mole.data.templates import (
     build_prompt_for_generation,
     get_tokenizer,
 )
+from llava_mole.eval.decoding import (
+    DecodeParams,
+    ImageInput,
+    _model_device,
+    _model_dtype,
+    _pad_token_id,
+    _pixels,
+    generate_batch,
+)
 from llava_mole.eval.metrics import score_predictions
 from llava_mole.models.loading import load_model_and_processor
 
-__all__ = ["evaluate", "generate_answers", "predict"]
-
-ImageInput = Image.Image | torch.Tensor
-"""An RGB image, or its pixel values ``(3, H, W)`` already produced by the image processor."""
+__all__ = [
+    "evaluate",
+    "generate_answers",
+    "inference_prompt_format",
+    "loaded_for_inference",
+    "predict",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -58,83 +72,6 @@ PathLike = str | os.PathLike[str]
 # ---------------------------------------------------------------------------
 # Generation (the one place that decodes)
 # ---------------------------------------------------------------------------
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (where its inputs go)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """Floating dtype of the model (pixel values are cast to it)."""
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    """The pad id: the tokenizer's pad token, else its eos, else 0."""
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
-
-
-def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: the generation config's eos id(s) and the tokenizer's."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _pixels(
-    images: Sequence[ImageInput | None],
-    processor: Any,
-    image_mode: str,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Stacks the pixel values of the images of a batch, in batch order (None: no image).
-
-    LLaVA fills the image tokens of the batch in order with the stacked images, so rows without
-    an image simply contribute nothing.
-    """
-    present = [img for img in images if img is not None]
-    if not present:
-        return None
-    image_processor = getattr(processor, "image_processor", None)
-    tensors = []
-    for img in present:
-        if isinstance(img, torch.Tensor):
-            tensors.append(img)
-        else:
-            if image_processor is None:
-                raise ValueError("an image was given but the processor has no image_processor")
-            tensors.append(pixel_values([img], image_processor, image_mode)[0])  # type: ignore[arg-type]
-    return torch.stack(tensors).to(device=device, dtype=dtype)
-
-
-def _left_pad(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pads 1-D id tensors into ``(input_ids, attention_mask)``.
-
-    Left padding keeps the last prompt token of every row at the same position, so the first
-    generated token of each row follows its own prompt directly.
-    """
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[row, length - len(prompt) :] = prompt
-            mask[row, length - len(prompt) :] = 1
-    return ids, mask
 
 
 def generate_answers(
@@ -172,33 +109,18 @@ def generate_answers(
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    tokenizer = get_tokenizer(processor)
-    pad_id = _pad_token_id(tokenizer)
-    stop = _stop_ids(model, tokenizer)
-    device, dtype = _model_device(model), _model_dtype(model)
+    params = DecodeParams(max_new_tokens=max_new_tokens)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [torch.as_tensor(p, dtype=torch.long) for p in prompts[start : start + batch_size]]
-        ids, mask = _left_pad(chunk, pad_id)
-        inputs: dict[str, Any] = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-        }
-        pixels = _pixels(images[start : start + batch_size], processor, image_mode, dtype, device)
-        if pixels is not None:
-            inputs["pixel_values"] = pixels
-        with torch.no_grad():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                use_cache=True,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-            )
-        for row in out[:, ids.shape[1] :].tolist():
-            # Cut at the first stop token: what follows is padding of a finished row.
-            end = next((k for k, t in enumerate(row) if t in stop), len(row))
-            answers.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        out = generate_batch(
+            model,
+            processor,
+            prompts[start : start + batch_size],
+            images[start : start + batch_size],
+            params,
+            image_mode=image_mode,
+        )
+        answers.extend(g.text for g in out)
     return answers
 
 
@@ -247,6 +169,30 @@ def _inference(model: nn.Module, merge: bool) -> Iterator[None]:
         if merged:
             unmerge_lora(model)
         model.train(was_training)
+
+
+@contextmanager
+def loaded_for_inference(
+    model_dir: PathLike,
+    adapter_dir: PathLike | None = None,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> Iterator[tuple[nn.Module, Any]]:
+    """Loads a model (and adapter) for answering, as `predict` does, for the block.
+
+    The model is in eval mode with plain-LoRA layers merged (MoLE blocks stay unmerged), so a
+    long-lived caller (the server) decodes exactly as `predict`.
+
+    Yields:
+        ``(model, processor)``.
+    """
+    model, processor, _ = _acquire(
+        model_dir, None, None, adapter_dir, dtype, device, trust_remote_code
+    )
+    with _inference(model, True):
+        yield model, processor
 
 
 # ---------------------------------------------------------------------------
@@ -613,6 +559,35 @@ def _trained_prompt_format(adapter_dir: PathLike | None) -> dict[str, Any]:
     return prompt if isinstance(prompt, dict) else {}
 
 
+def inference_prompt_format(
+    adapter_dir: PathLike | None, template: str | None = None, system: str | None = None
+) -> tuple[str, str | None]:
+    """The ``(template, system)`` to answer with: the caller's choice, else the adapter's.
+
+    Args:
+        adapter_dir: Adapter directory, or None.
+        template: ``vicuna_v1`` or ``chat_template``; None: the one the adapter was trained
+            with, else ``vicuna_v1``.
+        system: ``vicuna_v1`` system prompt; None: the adapter's (same template only), else
+            LLaVA-1.5's; ``""``: none.
+
+    Raises:
+        ValueError: Unknown template, or a domain-routed adapter (it needs domain labels).
+    """
+    trained = _trained_prompt_format(adapter_dir)
+    if adapter_dir is not None and read_adapter_config(adapter_dir)[0].router == "domain":
+        raise ValueError(
+            f"{adapter_dir}: this adapter routes by domain label (adapter.router='domain', a "
+            "study diagnostic), so it needs each sample's domain: use `llava-mole eval`"
+        )
+    template = template or trained.get("template") or "vicuna_v1"
+    if system is None and template == trained.get("template"):
+        system = trained.get("system")
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    return template, system
+
+
 def predict(
     model_dir: PathLike | None = None,
     image: PathLike | Image.Image | None = None,
@@ -658,17 +633,7 @@ def predict(
     """
     if not question.strip():
         raise ValueError("question is empty")
-    trained = _trained_prompt_format(adapter_dir)
-    if adapter_dir is not None and read_adapter_config(adapter_dir)[0].router == "domain":
-        raise ValueError(
-            f"{adapter_dir}: this adapter routes by domain label (adapter.router='domain', a "
-            "study diagnostic), so it needs each sample's domain: use `llava-mole eval`"
-        )
-    template = template or trained.get("template") or "vicuna_v1"
-    if system is None and template == trained.get("template"):
-        system = trained.get("system")
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    template, system = inference_prompt_format(adapter_dir, template, system)
     if image_mode not in IMAGE_MODES:
         raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
     img = None
