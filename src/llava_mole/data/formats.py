@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 IMAGE_PLACEHOLDER = "<image>"
 """The placeholder marking where the image goes in a human turn (LLaVA convention)."""
@@ -242,39 +242,44 @@ def _is_json_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def validate_record(
-    record: object,
-    *,
-    index: int,
-    source: str = "",
-    image_root: Path | None = None,
-    domain: str = "default",
-    allow_outside_images: bool = False,
-    check_image: Callable[[Path], Skip | None] | None = None,
-) -> Sample | Skip:
-    """Validates one raw LLaVA record. Never raises on bad input.
+class ParsedRecord(NamedTuple):
+    """The text side of a valid record: what `parse_record` checked."""
+
+    id: str
+    image: str | None
+    turns: list[tuple[str, str]]
+    meta: dict[str, Any]
+
+
+def parse_record(
+    record: object, *, index: int, has_image: bool | None = None
+) -> ParsedRecord | Skip:
+    """Checks the id, the image field's type and the conversation of one raw record.
+
+    Both schemas are accepted: LLaVA ``conversations`` and the chat ``messages`` schema, which
+    `llava_mole.data.messages.to_llava_record` converts first. Never raises on bad input.
 
     Args:
-        record: The decoded JSON value.
-        index: Position of the record in its file (used as id when the record has none).
-        source: File name, stored in the sample for problem reports.
-        image_root: Folder that relative image paths are resolved against. Required for samples
-            with an image (a missing root skips them as `missing_image`).
-        domain: Domain tag given to the sample.
-        allow_outside_images: Accept absolute image paths and paths escaping `image_root`.
-        check_image: Optional check of the image file (existence is always checked); returns a
-            `Skip` for unusable files, e.g. `llava_mole.data.images.check_image_file`.
+        record: The decoded JSON value (or a `datasets` row).
+        index: Position of the record (the id when the record has none).
+        has_image: Whether the sample has an image; None: whether the record names one.
 
     Returns:
-        A `Sample`, or a `Skip` naming the first problem found.
+        The id, raw image path (None if absent), normalised turns and the other fields, or the
+        `Skip` naming the first problem.
     """
+    from .messages import to_llava_record  # messages.py builds on this module
+
     if not isinstance(record, dict):
         return Skip(NOT_A_DICT, f"expected an object, got {type(record).__name__}")
+    converted = to_llava_record(record)
+    if isinstance(converted, Skip):
+        return converted
+    record = converted
 
     raw_id = record.get("id", index)
     if not (isinstance(raw_id, str) or _is_json_int(raw_id)):
         return Skip(BAD_ID, f"id must be a string or an int, got {type(raw_id).__name__}")
-    sample_id = str(raw_id)
 
     raw_image = record.get("image")
     if raw_image is not None and (not isinstance(raw_image, str) or not raw_image.strip()):
@@ -296,39 +301,95 @@ def validate_record(
             return Skip(UNKNOWN_ROLE, f"turn {i}: unknown role {turn['from']!r:.40}")
         turns.append((role, turn["value"]))
 
-    problem = check_turns(turns, has_image=raw_image is not None)
+    image_present = raw_image is not None if has_image is None else has_image
+    problem = check_turns(turns, has_image=image_present)
     if problem is not None:
         return problem
-
-    image: Path | None = None
-    if raw_image is not None:
-        if "\x00" in raw_image:
-            return Skip(BAD_IMAGE_FIELD, "image path contains a NUL byte")
-        if not allow_outside_images and not is_inside(raw_image):
-            return Skip(IMAGE_OUTSIDE_ROOT, f"image path {raw_image!r:.200} escapes the folder")
-        if image_root is None and not os.path.isabs(raw_image):
-            return Skip(MISSING_IMAGE, "sample has an image but no image folder is configured")
-        image = Path(raw_image) if image_root is None else image_root / raw_image
-        try:
-            exists = image.is_file()
-        except (OSError, ValueError):  # e.g. name too long
-            exists = False
-        if not exists:
-            return Skip(MISSING_IMAGE, f"image file not found: {image}")
-        if check_image is not None:
-            problem = check_image(image)
-            if problem is not None:
-                return problem
-
     meta = {k: v for k, v in record.items() if k not in _RESERVED_KEYS}
+    return ParsedRecord(str(raw_id), raw_image, turns, meta)
+
+
+def resolve_image_path(
+    raw_image: str,
+    image_root: Path | None,
+    *,
+    allow_outside_images: bool = False,
+    check_image: Callable[[Path], Skip | None] | None = None,
+) -> Path | Skip:
+    """Resolves a record's image path against `image_root` and checks the file.
+
+    Returns:
+        The image file, or a `Skip` (`bad_image_field`, `image_path_outside_root`,
+        `missing_image`, or what `check_image` returns).
+    """
+    if "\x00" in raw_image:
+        return Skip(BAD_IMAGE_FIELD, "image path contains a NUL byte")
+    if not allow_outside_images and not is_inside(raw_image):
+        return Skip(IMAGE_OUTSIDE_ROOT, f"image path {raw_image!r:.200} escapes the folder")
+    if image_root is None and not os.path.isabs(raw_image):
+        return Skip(MISSING_IMAGE, "sample has an image but no image folder is configured")
+    image = Path(raw_image) if image_root is None else image_root / raw_image
+    try:
+        exists = image.is_file()
+    except (OSError, ValueError):  # e.g. name too long
+        exists = False
+    if not exists:
+        return Skip(MISSING_IMAGE, f"image file not found: {image}")
+    if check_image is not None:
+        problem = check_image(image)
+        if problem is not None:
+            return problem
+    return image
+
+
+def validate_record(
+    record: object,
+    *,
+    index: int,
+    source: str = "",
+    image_root: Path | None = None,
+    domain: str = "default",
+    allow_outside_images: bool = False,
+    check_image: Callable[[Path], Skip | None] | None = None,
+) -> Sample | Skip:
+    """Validates one raw record (LLaVA ``conversations`` or chat ``messages``). Never raises.
+
+    Args:
+        record: The decoded JSON value.
+        index: Position of the record in its file (used as id when the record has none).
+        source: File name, stored in the sample for problem reports.
+        image_root: Folder that relative image paths are resolved against. Required for samples
+            with an image (a missing root skips them as `missing_image`).
+        domain: Domain tag given to the sample.
+        allow_outside_images: Accept absolute image paths and paths escaping `image_root`.
+        check_image: Optional check of the image file (existence is always checked); returns a
+            `Skip` for unusable files, e.g. `llava_mole.data.images.check_image_file`.
+
+    Returns:
+        A `Sample`, or a `Skip` naming the first problem found.
+    """
+    parsed = parse_record(record, index=index)
+    if isinstance(parsed, Skip):
+        return parsed
+    image: Path | None = None
+    if parsed.image is not None:
+        resolved = resolve_image_path(
+            parsed.image,
+            image_root,
+            allow_outside_images=allow_outside_images,
+            check_image=check_image,
+        )
+        if isinstance(resolved, Skip):
+            return resolved
+        image = resolved
     return Sample(
-        id=sample_id,
+        id=parsed.id,
         image=image,
-        turns=turns,
+        turns=parsed.turns,
         domain=domain,
         source=source,
         index=index,
-        meta=meta,
+        meta=parsed.meta,
     )
 
 
