@@ -55,6 +55,8 @@ def test_every_command_has_help_with_examples():
         "predict",
         "compare",
         "export-peft",
+        "merge",
+        "export-moe",
     }
     assert set(sub.choices) == expected
     for name, p in sub.choices.items():

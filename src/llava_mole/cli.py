@@ -99,7 +99,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.out:
         print(f"results: {args.out}")
+    if args.adapter:
+        _record_scores(args.adapter, args.split, result["per_domain"])
     return 0
+
+
+def _record_scores(adapter_dir: str, split: str, per_domain: dict) -> None:
+    """Put the scores in the adapter's model card; a read-only folder only gets a note."""
+    from .adapters.io import record_evaluation
+
+    try:
+        record_evaluation(adapter_dir, split, per_domain)
+    except OSError as err:
+        print(
+            f"note: scores not recorded in {adapter_dir} ({err.strerror or err})", file=sys.stderr
+        )
+    else:
+        print(f"scores recorded in {adapter_dir}/README.md")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -131,6 +147,42 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
     path = export_peft(args.adapter, args.out)
     print(f"PEFT LoRA adapter written to {path}")
+    return 0
+
+
+def _load_adapted(model_dir: str | None, adapter_dir: str, dtype: str):
+    """Base model (``--model``, else the one recorded in the adapter) with the adapter loaded."""
+    from .adapters.io import load_adapter, read_adapter_config
+    from .models.loading import ModelLoadError, load_model_and_processor
+
+    _, payload = read_adapter_config(adapter_dir)
+    model_dir = model_dir or payload.get("base_model", {}).get("name_or_path")
+    if not model_dir:
+        raise ModelLoadError(
+            f"{adapter_dir}: the adapter does not name its base model; give --model"
+        )
+    model, processor = load_model_and_processor(model_dir, dtype)
+    return load_adapter(model.eval(), adapter_dir), processor
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .adapters.merge import merge_and_save
+
+    model, processor = _load_adapted(args.model, args.adapter, args.dtype)
+    merge_and_save(model, args.out, processor)
+    print(f"merged model written to {args.out} (loads with from_pretrained, no llava-mole needed)")
+    return 0
+
+
+def cmd_export_moe(args: argparse.Namespace) -> int:
+    from .adapters.io import read_adapter_config
+    from .adapters.moe_export import check_exportable, export_moe
+
+    config, _ = read_adapter_config(args.adapter)
+    check_exportable(config, args.adapter)  # before loading a large model
+    model, processor = _load_adapted(args.model, args.adapter, args.dtype)
+    export_moe(model, args.out, processor)
+    print(f"sparse-MoE checkpoint written to {args.out} ({config.num_experts} experts, top-1)")
     return 0
 
 
@@ -299,6 +351,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("adapter")
     p.add_argument("out")
+
+    for name, func, help_text, example in (
+        (
+            "merge",
+            cmd_merge,
+            "merge a plain-LoRA (or one-expert) adapter into its base: a normal full checkpoint",
+            "llava-mole merge runs/tiny-lora merged-model\n"
+            "llava-mole merge runs/tiny-lora merged-model --model llava-mole-work/tiny-llava",
+        ),
+        (
+            "export-moe",
+            cmd_export_moe,
+            "write a top-1 MoLE adapter (gate_weighting 'none') as a sparse-MoE (Mixtral-style) "
+            "checkpoint that transformers and serving engines load without llava-mole",
+            "llava-mole export-moe runs/tiny-mole-none moe-model",
+        ),
+    ):
+        p = add(name, func, help_text, example)
+        p.add_argument("adapter", help="adapter directory")
+        p.add_argument("out", help="output model directory")
+        p.add_argument(
+            "--model", default=None, help="base model directory (default: the adapter's base)"
+        )
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return parser
 
 

@@ -29,7 +29,7 @@ def test_round_trip_gives_identical_logits(tmp_path, mode):
         model.model.multi_modal_projector.linear_1.weight.add_(0.5)
     save_adapter(model, tmp_path / "ad")
     files = sorted(p.name for p in (tmp_path / "ad").iterdir())
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     stored = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
     assert any("router" in k for k in stored) == (mode == "mole")
     assert any("multi_modal_projector" in k for k in stored)

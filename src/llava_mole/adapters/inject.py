@@ -35,6 +35,8 @@ class AdapterInfo:
     target_tree: str
     trainable: list[str] = field(default_factory=list)
     state: MoLEState | None = None
+    # requires_grad of every parameter before injection, restored by ``unload``.
+    requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     hooks: list[Any] = field(default_factory=list, repr=False)
 
 
@@ -119,6 +121,7 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     if adapter_info(model) is not None:
         raise AdapterError("apply_mole: this model already has an adapter")
     tree_path, tree = _find_tree(model, config)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
 
     mlps = [
@@ -172,7 +175,9 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
 
     # New modules are created in training mode; give them the model's mode (eval stays eval).
     model.train(model.training)
-    info = AdapterInfo(config=config, target_tree=tree_path, state=state)
+    info = AdapterInfo(
+        config=config, target_tree=tree_path, state=state, requires_grad=requires_grad
+    )
     info.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if state is not None:
         info.hooks.append(
@@ -219,6 +224,39 @@ def merge_mole(model: nn.Module) -> None:
         "MoLE experts cannot be merged into the base weights: the router picks the expert per "
         "token, so no single weight matrix holds them; merge_lora() merges the attention LoRA"
     )
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove the adapter without merging: the model is again the one ``apply_mole`` was given.
+
+    Every ``LoRALinear`` is replaced by its (unmerged) base layer, every ``MoLEMLP`` by the MLP
+    module it replaced, the forward hooks are removed and ``requires_grad`` is restored. A
+    trained projector keeps its trained weights (it is part of the model, not of the adapter
+    layers). Use :func:`llava_mole.adapters.merge.merge_and_unload` to keep plain-LoRA updates.
+
+    Returns:
+        The same (unwrapped) model.
+    """
+    model = unwrap(model)
+    info = adapter_info(model)
+    if info is None:
+        raise AdapterError("unload: the model has no llava-mole adapter")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (LoRALinear, MoLEMLP)):
+            if isinstance(module, LoRALinear):
+                module.unmerge()
+                plain = module.base
+            else:
+                plain = module.original
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+    for hook in info.hooks:
+        hook.remove()
+    for name, param in model.named_parameters():
+        param.requires_grad_(info.requires_grad.get(name, param.requires_grad))
+    del model.__dict__[ADAPTER_ATTR]
+    model.__dict__.pop(STATE_ATTR, None)
+    return model
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .card import CARD_NAME, SCORES_KEY, render_model_card
 from .config import RUNTIME_FIELDS, MoLEConfig
 from .inject import AdapterError, adapter_info, apply_mole, unwrap
 
@@ -25,12 +26,48 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "llava-mole-adapter"
 FORMAT_VERSION = 1
+# PEFT reads ``peft_type`` first and fails with a KeyError naming its value when it has no such
+# method; PEFT 0.21's ``register_peft_method`` only accepts names of its closed ``PeftType``
+# enum, so a MoLE method cannot be registered from outside. The value is therefore the one-line
+# explanation a PEFT user then sees.
+PEFT_TYPE_MARKER = (
+    "LLAVA_MOLE (not a PEFT adapter: load it with llava_mole.load_adapter(model, folder); "
+    "`llava-mole export-peft` converts plain-LoRA adapters to PEFT)"
+)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with the mode a plain ``open`` would give (umask).
+
+    ``mkstemp`` creates files 0600 whatever the umask, so a teammate or a serving process
+    under another user could not read the adapters, reports and checkpoints written here.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _file_mode())
+    return fd, tmp
+
+
+def _file_mode() -> int:
+    return 0o666 & ~current_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -48,10 +85,11 @@ def atomic_save_tensors(
 ) -> None:
     """``safetensors`` save through a temporary file in the same directory, then rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _file_mode())  # safetensors writes a new file, 0600 like mkstemp's
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -117,6 +155,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "peft_type": PEFT_TYPE_MARKER,
         "mole": info.config.to_dict(),
         "target_tree": info.target_tree,
         "base_model": _base_model_summary(unwrap(model)),
@@ -125,8 +164,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
     }
     if extra:
         payload["extra"] = extra
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    _write_config(directory, payload)
     return directory
+
+
+def _write_config(directory: Path, payload: dict[str, Any]) -> None:
+    """``adapter_config.json`` and the model card built from it."""
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(directory / CARD_NAME, render_model_card(payload).encode())
+
+
+def record_evaluation(directory: str | os.PathLike, split: str, per_domain: dict) -> None:
+    """Store per-domain scores with the adapter (``extra.evaluation``) and in its model card.
+
+    Args:
+        directory: an adapter folder.
+        split: the evaluated split.
+        per_domain: ``{domain: {"metric", "n", "score"}}``.
+    """
+    directory = Path(directory)
+    _, payload = read_adapter_config(directory)
+    extra = dict(payload.get("extra") or {})
+    rows = {d: {k: r[k] for k in ("metric", "n", "score")} for d, r in per_domain.items()}
+    extra[SCORES_KEY] = {"split": split, "per_domain": rows}
+    payload["extra"] = extra
+    _write_config(directory, payload)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> tuple[MoLEConfig, dict[str, Any]]:

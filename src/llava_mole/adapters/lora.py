@@ -1,7 +1,10 @@
 """Plain LoRA on a frozen linear layer (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
 
 ``y = W x + b + (alpha / r) * B A dropout(x)`` with ``A`` (r x in) Kaiming-uniform and ``B``
-(out x r) zero, so a fresh adapter leaves the model unchanged. MoLE experts reuse
+(out x r) zero, so a fresh adapter leaves the model unchanged. In the state dict the frozen
+base keeps the names the un-adapted model has (``q_proj.weight``, not ``q_proj.base.weight``),
+so ``save_pretrained`` of an adapted model writes a checkpoint whose base weights load into the
+plain model class (the adapter's ``lora_A``/``lora_B`` are extra keys). MoLE experts reuse
 :func:`init_lora_pair`, :func:`lora_shrink` and :func:`add_expand_`, so the baseline and the
 experts share one code path.
 """
@@ -89,6 +92,8 @@ class LoRALinear(nn.Module):
         # Accumulating the update into the base output in place is safe for a plain nn.Linear
         # (its backward keeps the input, not the output); a subclass (quantised layers) might not.
         self._fuse = type(base) is nn.Linear
+        self.register_state_dict_post_hook(_base_names_on_save)
+        self.register_load_state_dict_pre_hook(_base_names_on_load)
 
     @property
     def in_features(self) -> int:
@@ -130,3 +135,30 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+_BASE_KEYS = ("weight", "bias")
+
+
+def _base_names_on_save(module: LoRALinear, state_dict: dict, prefix: str, _meta) -> None:
+    """``<prefix>base.weight`` -> ``<prefix>weight`` (unmerged), as in the un-adapted model."""
+    for key in _BASE_KEYS:
+        value = state_dict.pop(f"{prefix}base.{key}", None)
+        if value is None:
+            continue
+        if key == "weight" and module.merged:
+            with torch.no_grad():
+                value = value - module.delta_weight().to(value.device)
+        state_dict[f"{prefix}{key}"] = value
+
+
+def _base_names_on_load(module, state_dict: dict, prefix: str, *_args) -> None:
+    """Accept the base model's names (and the older ``base.`` names) when loading.
+
+    The saved weight is the unmerged one, so a merged layer is unmerged by the load.
+    """
+    for key in _BASE_KEYS:
+        if f"{prefix}{key}" in state_dict:
+            state_dict[f"{prefix}base.{key}"] = state_dict.pop(f"{prefix}{key}")
+            if key == "weight":
+                module.merged = False

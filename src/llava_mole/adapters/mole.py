@@ -73,6 +73,8 @@ class MoLEMLP(nn.Module):
         )
         # A plain attribute (not a submodule): the state is shared by all blocks of the model.
         self.__dict__["state"] = state
+        # The replaced module itself (sharing its projections), put back by ``unload``.
+        self.__dict__["original"] = base
 
         weight = self.gate_proj.weight
         factory = {"device": weight.device, "dtype": weight.dtype}

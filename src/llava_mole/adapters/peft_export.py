@@ -28,6 +28,20 @@ def _split_expert_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _patterns(ranks: dict[str, int], rank: int, scaling: float) -> dict[str, dict]:
+    """PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` for modules whose rank differs.
+
+    Every llava-mole LoRA scales by ``alpha / rank`` of the attention rank, whatever its own
+    rank (``mlp_rank``), so a module of rank ``r'`` needs ``lora_alpha = scaling * r'`` in PEFT.
+    Keys are full module paths (PEFT matches them as a suffix of the module name).
+    """
+    other = {name: r for name, r in sorted(ranks.items()) if r != rank}
+    return {
+        "rank_pattern": other,
+        "alpha_pattern": {name: scaling * r for name, r in other.items()},
+    }
+
+
 def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format.
 
@@ -51,6 +65,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     tensors = read_adapter_tensors(adapter_dir)
     out: dict[str, torch.Tensor] = {}
     targets: list[str] = []
+    ranks: dict[str, int] = {}
     projector_trained = False
     for key, value in tensors.items():
         if key.endswith(".lora_A") or key.endswith(".lora_B"):
@@ -58,6 +73,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
             out[f"{_PEFT_PREFIX}{module}.lora_{kind}.weight"] = value.contiguous()
             if kind == "A":
                 targets.append(module)
+                ranks[module] = value.shape[0]
             continue
         split = _split_expert_key(key)
         if split is not None:
@@ -65,6 +81,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
             out[f"{_PEFT_PREFIX}{mlp}.{proj}.lora_{kind}.weight"] = value[0].contiguous()
             if kind == "A":
                 targets.append(f"{mlp}.{proj}")
+                ranks[f"{mlp}.{proj}"] = value.shape[1]
             continue
         if PROJECTOR_NAME in key.split("."):
             out[f"{_PEFT_PREFIX}{key}"] = value.contiguous()
@@ -78,6 +95,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": sorted(targets),
+        **_patterns(ranks, config.rank, config.scaling),
         "modules_to_save": [PROJECTOR_NAME] if projector_trained else None,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -304,7 +304,13 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         nan_policy=config.train.nan_policy,
         log_domain_loss=config.train.log_domain_loss,
         # The prompt format the adapter was trained with, so that `predict` can use it.
-        adapter_extra={"prompt": prompt_format(dataset.template, dataset.encoder.system)},
+        adapter_extra={
+            "prompt": prompt_format(dataset.template, dataset.encoder.system),
+            "training": {
+                "mixture": str(config.data.mixture),
+                "domains": dict(report.per_domain),
+            },
+        },
         callbacks=[JsonlLogger(out / "logs.jsonl"), monitor, stopper],
     )
     if config.data.group_by_length:

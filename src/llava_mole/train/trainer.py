@@ -302,11 +302,20 @@ class MoLETrainer(Trainer):
                     self.accelerator.unwrap_model(self.model),
                     state_dict,
                     output_dir,
-                    self.adapter_extra,
+                    self._extra_with_step(),
                 )
             return
         if self.args.should_save:
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir, self.adapter_extra)
+            save_adapter(
+                self.accelerator.unwrap_model(self.model), output_dir, self._extra_with_step()
+            )
+
+    def _extra_with_step(self) -> dict[str, Any] | None:
+        """The adapter's metadata plus the optimizer step it was saved at (for its card)."""
+        if self.adapter_extra is None:
+            return None
+        training = {**self.adapter_extra.get("training", {}), "steps": self.state.global_step}
+        return {**self.adapter_extra, "training": training}
 
     def _save_checkpoint(self, model, trial) -> None:
         # The stock version writes straight into checkpoint-N; write to a temporary name and
