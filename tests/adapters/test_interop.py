@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -178,20 +176,22 @@ def test_export_moe_refuses_inexact_adapters(tmp_path, kw, match):
         export_moe(adapted(**kw), tmp_path / "moe")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "llava_mole.cli", *args], capture_output=True, text=True
-    )
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """The CLI in this process (same error handling as the console script, no interpreter start)."""
+    from llava_mole.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
-def test_merge_and_export_moe_cli(tiny_world, tmp_path):
+def test_merge_and_export_moe_cli(tiny_world, tmp_path, capsys):
     model_dir = tiny_world["model"]
     model = AutoModelForImageTextToText.from_pretrained(model_dir)
     apply_mole(model, MoLEConfig(rank=2, num_experts=2, gate_weighting="none"))
     randomize_adapter(model)
     save_adapter(model, tmp_path / "none")
-    done = _cli("export-moe", str(tmp_path / "none"), str(tmp_path / "moe"))
-    assert done.returncode == 0, done.stderr
+    code, err = _cli(capsys, "export-moe", str(tmp_path / "none"), str(tmp_path / "moe"))
+    assert code == 0, err
     assert (tmp_path / "moe" / "processor_config.json").exists() or any(
         "tokenizer" in p.name for p in (tmp_path / "moe").iterdir()
     )
@@ -199,12 +199,12 @@ def test_merge_and_export_moe_cli(tiny_world, tmp_path):
 
     lora = AutoModelForImageTextToText.from_pretrained(model_dir)
     save_adapter(apply_mole(lora, MoLEConfig(mode="lora", rank=2)), tmp_path / "lora")
-    done = _cli("merge", str(tmp_path / "lora"), str(tmp_path / "merged"))
-    assert done.returncode == 0, done.stderr
+    code, err = _cli(capsys, "merge", str(tmp_path / "lora"), str(tmp_path / "merged"))
+    assert code == 0, err
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
-def test_export_moe_cli_bad_adapters(tmp_path):
+def test_export_moe_cli_bad_adapters(tmp_path, capsys):
     save_adapter(adapted("mole"), tmp_path / "prob")
     save_adapter(adapted("mole", gate_weighting="none", top_k=2), tmp_path / "top2")
     save_adapter(adapted("mole", gate_weighting="none"), tmp_path / "corrupt")
@@ -214,11 +214,12 @@ def test_export_moe_cli_bad_adapters(tmp_path):
         ("top2", "top_k=2"),
         ("corrupt", "not valid JSON"),
     ):
-        done = _cli("export-moe", str(tmp_path / folder), str(tmp_path / "out"))
-        assert done.returncode == 2, done.stderr
-        first = done.stderr.strip().splitlines()[0]
+        code, err = _cli(capsys, "export-moe", str(tmp_path / folder), str(tmp_path / "out"))
+        assert code == 2, err
+        first = err.strip().splitlines()[0]
         assert first.startswith("llava-mole export-moe: error:") and expected in first, first
-        assert "Traceback" not in done.stderr
+        assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
