@@ -1,4 +1,5 @@
-"""Data layer: LLaVA-format loading and validation, mixtures, prompt templates, images, batching.
+"""Data layer: LLaVA-format and Hugging Face `datasets` loading and validation, mixtures,
+presets of public datasets, prompt templates, images, batching.
 
 Typical use::
 
@@ -13,6 +14,7 @@ from .collate import (
     ModalityLengthGroupedSampler,
     modality_length_grouped_indices,
 )
+from .convert import PRESETS, write_mixture
 from .formats import (
     ASSISTANT,
     IMAGE_PLACEHOLDER,
@@ -25,7 +27,15 @@ from .formats import (
     load_llava_file,
     validate_record,
 )
-from .images import ImageLoadError, check_image_file, load_image, pixel_values, to_rgb
+from .hf import HFSource, load_hf_samples, open_hf_split, resolve_columns
+from .images import (
+    EmbeddedImage,
+    ImageLoadError,
+    check_image_file,
+    load_image,
+    pixel_values,
+    to_rgb,
+)
 from .mixture import (
     KNOWN_METRICS,
     DatasetSpec,
@@ -52,6 +62,7 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
     "KNOWN_METRICS",
+    "PRESETS",
     "TEMPLATES",
     "USER",
     "VICUNA_V1_SYSTEM",
@@ -61,7 +72,9 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "EncodeError",
+    "EmbeddedImage",
     "EncodedConversation",
+    "HFSource",
     "ImageLoadError",
     "InstructDataset",
     "LoadReport",
@@ -74,13 +87,17 @@ __all__ = [
     "check_image_file",
     "encode_conversation",
     "image_token_id",
+    "load_hf_samples",
     "load_image",
     "load_llava_file",
     "load_mixture",
     "load_split",
     "modality_length_grouped_indices",
     "num_image_tokens",
+    "open_hf_split",
     "pixel_values",
+    "resolve_columns",
     "to_rgb",
     "validate_record",
+    "write_mixture",
 ]

@@ -19,7 +19,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from .images import EmbeddedImage
 
 IMAGE_PLACEHOLDER = "<image>"
 """The placeholder marking where the image goes in a human turn (LLaVA convention)."""
@@ -71,7 +74,9 @@ class Sample:
 
     Attributes:
         id: Sample id from the file (ints are converted to str; defaults to the record index).
-        image: Path of the image (image folder / relative path), or None for text-only samples.
+        image: Path of the image (image folder / relative path), an
+            `llava_mole.data.images.EmbeddedImage` (bytes inside a Hugging Face dataset, read
+            when opened), or None for text-only samples.
         turns: Alternating ``(role, text)`` pairs, roles normalised to "user"/"assistant",
             starting with a user turn and ending with an assistant turn. The first user turn of
             an image sample contains exactly one ``<image>`` placeholder.
@@ -83,7 +88,7 @@ class Sample:
     """
 
     id: str
-    image: Path | None
+    image: Path | EmbeddedImage | None
     turns: list[tuple[str, str]]
     domain: str = "default"
     source: str = ""

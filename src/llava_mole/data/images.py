@@ -6,15 +6,19 @@ the processor's input size) -> the model's own image processor.
 
 Errors are raised as `ImageLoadError` carrying a skip reason, so that loading can count them and
 the dataset can fall back instead of crashing the training loop.
+
+An image is a file path, or an `EmbeddedImage`: the encoded bytes of an image stored inside a
+memory-mapped Hugging Face dataset, read only when the image is opened.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -34,6 +38,56 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _MAX_SIDE_BEFORE_PROCESSOR = 2048
 
 
+class ImageBytesStore(Protocol):
+    """Where `EmbeddedImage` bytes live (e.g. an Arrow image column, `llava_mole.data.hf`)."""
+
+    name: str
+
+    def image_bytes(self, row: int, item: int) -> bytes: ...
+
+
+class EmbeddedImage:
+    """An image stored as encoded bytes inside a dataset, read on `open`.
+
+    Holds only a reference (store, row, item), so that a split of a million samples keeps its
+    images in the memory-mapped dataset, not in Python objects.
+
+    Attributes:
+        store: The object holding the bytes.
+        row: Row of the sample in the store.
+        item: Position in the row's image list (0 for a single-image column).
+    """
+
+    __slots__ = ("item", "row", "store")
+
+    def __init__(self, store: ImageBytesStore, row: int, item: int = 0) -> None:
+        self.store = store
+        self.row = row
+        self.item = item
+
+    def open(self) -> io.BytesIO:
+        """The encoded image as a file-like object."""
+        return io.BytesIO(self.store.image_bytes(self.row, self.item))
+
+    def __str__(self) -> str:
+        suffix = f"[{self.item}]" if self.item else ""
+        return f"{self.store.name}#{self.row}{suffix}"
+
+    __repr__ = __str__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EmbeddedImage) and (
+            other.store is self.store and other.row == self.row and other.item == self.item
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.store), self.row, self.item))
+
+
+ImageSource = Path | EmbeddedImage
+"""What a `Sample` names as its image: a file or embedded bytes."""
+
+
 class ImageLoadError(Exception):
     """An image could not be used.
 
@@ -46,13 +100,17 @@ class ImageLoadError(Exception):
         self.reason = reason
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _as_source(path: str | os.PathLike[str] | EmbeddedImage) -> ImageSource:
+    return path if isinstance(path, EmbeddedImage) else Path(path)
+
+
+def _open(path: ImageSource, max_pixels: int) -> Image.Image:
     """Opens `path` lazily (header only) and checks its size."""
     try:
         with warnings.catch_warnings():
             # We apply our own, lower limit below; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path.open() if isinstance(path, EmbeddedImage) else path)
     except FileNotFoundError:
         raise ImageLoadError(MISSING_IMAGE, f"image file not found: {path}") from None
     except Image.DecompressionBombError as e:
@@ -68,7 +126,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return img
 
 
-def check_image_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+def check_image_file(
+    path: str | os.PathLike[str] | EmbeddedImage, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
     """Checks that an image file can be used without decoding all of its pixels.
 
     Opens the header, checks the size and runs PIL's ``verify()`` (structure and checksums, e.g.
@@ -76,13 +136,13 @@ def check_image_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX
     ``verify`` does not decode); such files are caught later by the dataset's fallback.
 
     Args:
-        path: The image file.
+        path: The image file, or an embedded image.
         max_pixels: Size limit in pixels.
 
     Raises:
         ImageLoadError: With the skip reason.
     """
-    img = _open(Path(path), max_pixels)
+    img = _open(_as_source(path), max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,9 +154,10 @@ def check_image_file(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX
 
 
 def image_checker(max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Returns a ``check_image`` callable for `llava_mole.data.formats.validate_record`."""
+    """Returns a ``check_image`` callable for `llava_mole.data.formats.validate_record` (it also
+    takes an `EmbeddedImage`)."""
 
-    def check(path: Path) -> Skip | None:
+    def check(path: ImageSource) -> Skip | None:
         try:
             check_image_file(path, max_pixels)
         except ImageLoadError as e:
@@ -152,7 +213,7 @@ def exif_transpose(img: Image.Image) -> Image.Image:
 
 
 def load_image(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | EmbeddedImage,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
@@ -160,7 +221,7 @@ def load_image(
     """Opens an image file as an upright RGB image.
 
     Args:
-        path: The image file.
+        path: The image file, or an embedded image.
         max_pixels: Size limit in pixels (decompression-bomb guard).
         background: Colour put under transparent pixels.
 
@@ -170,7 +231,9 @@ def load_image(
     Raises:
         ImageLoadError: With the skip reason.
     """
-    with _open(Path(path), max_pixels) as img:  # closes the file, also for multi-frame formats
+    with _open(
+        _as_source(path), max_pixels
+    ) as img:  # closes the file, also for multi-frame formats
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -18,7 +18,9 @@ import yaml
 
 from ..eval.metrics import ALL_METRICS, METRICS
 from .collate import InstructDataset
+from .convert import PRESETS
 from .formats import DataConfigError, LoadReport, Sample, load_llava_file
+from .hf import COLUMN_ROLES, HFSource, load_hf_samples, open_hf_split, resolve_columns
 from .images import DEFAULT_MAX_PIXELS, IMAGE_MODES, image_checker
 from .templates import TEMPLATES
 
@@ -41,7 +43,13 @@ _DATASET_KEYS = (
     "repeat",
     "test_take",
     "metric",
+    "hf",
+    "hf_config",
+    "columns",
+    "preset",
+    "prompt_suffix",
 )
+LLAVA_SUFFIXES = (".json", ".jsonl")
 
 
 @dataclass
@@ -59,6 +67,14 @@ class DatasetSpec:
         repeat: Upsampling factor of the train split.
         test_take: How much of the test split to use.
         metric: Evaluation metric name (a key of `llava_mole.eval.metrics.ALL_METRICS`).
+        hf: Hugging Face source whose splits ``train_split`` / ``test_split`` name (a local
+            folder, resolved, or a cached dataset name as written); None for file entries.
+        hf_config: Config name of a cached Hub dataset.
+        train_split: Split of `hf` used as the train split.
+        test_split: Split of `hf` used as the test split.
+        columns: Column mapping (role -> column, None to leave a role out), or None.
+        preset: Preset name (`llava_mole.data.convert.PRESETS`), or None.
+        prompt_suffix: Line appended to every question of a question/answer dataset.
     """
 
     name: str
@@ -71,6 +87,31 @@ class DatasetSpec:
     repeat: int = 1
     test_take: Take = "all"
     metric: str = "exact_match"
+    hf: str | None = None
+    hf_config: str | None = None
+    train_split: str | None = None
+    test_split: str | None = None
+    columns: dict[str, str | None] | None = None
+    preset: str | None = None
+    prompt_suffix: str | None = None
+
+    def source(self, split: str) -> Path | HFSource | None:
+        """Where `split` comes from: a LLaVA JSON/JSONL file, a Hugging Face source, or None.
+
+        A file is read as a Hugging Face dataset when it is a ``.parquet`` / ``.arrow`` file or
+        a folder (``save_to_disk``), or when the entry has ``columns`` or a ``preset``; a file
+        that does not exist is returned as a path (its error names it).
+        """
+        if self.hf is not None:
+            name = self.train_split if split == "train" else self.test_split
+            return None if name is None else HFSource(self.hf, name, self.hf_config)
+        file = self.train if split == "train" else self.test
+        if file is None or not file.exists():
+            return file
+        mapped = self.columns is not None or self.preset is not None
+        if file.is_dir() or file.suffix.lower() not in LLAVA_SUFFIXES or mapped:
+            return HFSource(str(file))
+        return file
 
 
 @dataclass
@@ -158,6 +199,86 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _columns(check: _Checker, value: object, key: str) -> dict[str, str | None] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise check.fail(key, f"expected a mapping of role: column, got {value!r:.80}")
+    check.unknown_keys(value, COLUMN_ROLES, f"{key}.")
+    for role, column in value.items():
+        if column is not None:
+            check.string(column, f"{key}.{role}")
+    return dict(value)
+
+
+def _hf_keys(check: _Checker, base: Path, prefix: str, entry: Mapping[str, Any]) -> dict:
+    """The Hugging Face keys of an entry (hf, hf_config, columns, preset, prompt_suffix)."""
+    out: dict[str, Any] = {"columns": _columns(check, entry.get("columns"), f"{prefix}.columns")}
+    if "hf" in entry:
+        value = check.string(entry["hf"], f"{prefix}.hf")
+        local = _resolve(base, value)
+        out["hf"] = str(local) if local.exists() else value
+    if "hf_config" in entry:
+        if "hf" not in entry:
+            raise check.fail(f"{prefix}.hf_config", "only an 'hf' entry takes a config name")
+        out["hf_config"] = check.string(entry["hf_config"], f"{prefix}.hf_config")
+    preset = entry.get("preset")
+    if preset is not None:
+        preset = check.choice(preset, f"{prefix}.preset", tuple(PRESETS))
+        out["preset"] = preset
+    suffix = entry.get("prompt_suffix", PRESETS[preset].prompt_suffix if preset else None)
+    if suffix is not None and not isinstance(suffix, str):
+        raise check.fail(f"{prefix}.prompt_suffix", f"expected a string, got {suffix!r:.80}")
+    out["prompt_suffix"] = suffix or None
+    return out
+
+
+def _dataset_spec(check: _Checker, base: Path, prefix: str, entry: object) -> DatasetSpec:
+    """Validates one ``datasets`` entry (schema only)."""
+    if not isinstance(entry, dict):
+        raise check.fail(prefix, f"expected a mapping, got {entry!r:.80}")
+    check.unknown_keys(entry, _DATASET_KEYS, f"{prefix}.")
+    if "domain" not in entry:
+        raise check.fail(f"{prefix}.domain", "required key missing")
+    domain = check.string(entry["domain"], f"{prefix}.domain")
+    hf = _hf_keys(check, base, prefix, entry)
+    values = {s: entry.get(s) for s in SPLITS}
+    if values["train"] is None and values["test"] is None:
+        what = "split name" if "hf" in hf else "file"
+        raise check.fail(prefix, f"needs a 'train' and/or a 'test' {what}")
+    named = {s: None if v is None else check.string(v, f"{prefix}.{s}") for s, v in values.items()}
+    files = {s: None if v is None or "hf" in hf else _resolve(base, v) for s, v in named.items()}
+    if "hf" in hf:
+        hf.update(train_split=named["train"], test_split=named["test"])
+    folder = entry.get("image_folder")
+    if folder is not None:
+        folder = _resolve(base, check.string(folder, f"{prefix}.image_folder"))
+    preset = hf.get("preset")
+    default_metric = PRESETS[preset].metric if preset else "exact_match"
+    plain_json = all(f is None or f.suffix.lower() in LLAVA_SUFFIXES for f in files.values())
+    if "prompt_suffix" in entry and plain_json and "hf" not in hf and hf["columns"] is None:
+        raise check.fail(
+            f"{prefix}.prompt_suffix", "applies to question/answer columns (hf, columns, preset)"
+        )
+    return DatasetSpec(
+        name=check.string(
+            entry.get("name", entry.get("hf") or named["train"] or named["test"]), f"{prefix}.name"
+        ),
+        domain=domain,
+        train=files["train"],
+        test=files["test"],
+        image_folder=folder,
+        take=check.take(entry.get("take", "all"), f"{prefix}.take"),
+        select=check.choice(entry.get("select", "first"), f"{prefix}.select", SELECT_MODES),
+        repeat=check.positive_int(entry.get("repeat", 1), f"{prefix}.repeat"),
+        test_take=check.take(entry.get("test_take", "all"), f"{prefix}.test_take"),
+        metric=check.choice(
+            entry.get("metric", default_metric), f"{prefix}.metric", tuple(ALL_METRICS)
+        ),
+        **hf,
+    )
+
+
 def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     """Reads and validates a mixture YAML file (schema only; data files are opened later).
 
@@ -217,43 +338,12 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     base = path.parent
     metric_of: dict[str, str] = {}
     for i, entry in enumerate(datasets):
-        prefix = f"datasets[{i}]"
-        if not isinstance(entry, dict):
-            raise check.fail(prefix, f"expected a mapping, got {entry!r:.80}")
-        check.unknown_keys(entry, _DATASET_KEYS, f"{prefix}.")
-        if "domain" not in entry:
-            raise check.fail(f"{prefix}.domain", "required key missing")
-        domain = check.string(entry["domain"], f"{prefix}.domain")
-        files: dict[str, Path | None] = {}
-        for split in SPLITS:
-            value = entry.get(split)
-            files[split] = (
-                None if value is None else _resolve(base, check.string(value, f"{prefix}.{split}"))
-            )
-        if files["train"] is None and files["test"] is None:
-            raise check.fail(prefix, "needs a 'train' and/or a 'test' file")
-        folder = entry.get("image_folder")
-        if folder is not None:
-            folder = _resolve(base, check.string(folder, f"{prefix}.image_folder"))
-        default_name = entry.get("train") or entry.get("test")
-        spec = DatasetSpec(
-            name=check.string(entry.get("name", default_name), f"{prefix}.name"),
-            domain=domain,
-            train=files["train"],
-            test=files["test"],
-            image_folder=folder,
-            take=check.take(entry.get("take", "all"), f"{prefix}.take"),
-            select=check.choice(entry.get("select", "first"), f"{prefix}.select", SELECT_MODES),
-            repeat=check.positive_int(entry.get("repeat", 1), f"{prefix}.repeat"),
-            test_take=check.take(entry.get("test_take", "all"), f"{prefix}.test_take"),
-            metric=check.choice(
-                entry.get("metric", "exact_match"), f"{prefix}.metric", tuple(ALL_METRICS)
-            ),
-        )
-        if metric_of.setdefault(domain, spec.metric) != spec.metric:
+        spec = _dataset_spec(check, base, f"datasets[{i}]", entry)
+        if metric_of.setdefault(spec.domain, spec.metric) != spec.metric:
             raise check.fail(
-                f"{prefix}.metric",
-                f"domain {domain!r} already uses metric {metric_of[domain]!r}, got {spec.metric!r}",
+                f"datasets[{i}].metric",
+                f"domain {spec.domain!r} already uses metric {metric_of[spec.domain]!r}, "
+                f"got {spec.metric!r}",
             )
         cfg.datasets.append(spec)
     return cfg
@@ -298,6 +388,39 @@ def select_samples(
 
 def _mixture(mixture: str | os.PathLike[str] | MixtureConfig) -> MixtureConfig:
     return mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
+
+
+def _load_hf_entry(
+    where: str,
+    spec: DatasetSpec,
+    source: HFSource,
+    check: Any,
+    report: LoadReport,
+    *,
+    allow_outside_images: bool,
+) -> list[Sample]:
+    """The valid samples of one Hugging Face split; config errors are prefixed with `where`."""
+    folder = spec.image_folder
+    local = Path(source.location)
+    if folder is None and local.exists():
+        folder = local if local.is_dir() else local.parent
+    try:
+        ds = open_hf_split(source)
+        candidates = PRESETS[spec.preset].columns if spec.preset else None
+        roles = resolve_columns(ds.column_names, spec.columns, source.name, candidates)
+        return load_hf_samples(
+            ds,
+            roles,
+            name=source.name,
+            domain=spec.domain,
+            report=report,
+            image_root=folder,
+            allow_outside_images=allow_outside_images,
+            check_image=check,
+            prompt_suffix=spec.prompt_suffix,
+        )
+    except DataConfigError as e:
+        raise DataConfigError(f"{where}: {e}") from None
 
 
 def load_split(
@@ -346,24 +469,34 @@ def load_split(
     counts = {d: 0 for d in cfg.domains}
     samples: list[Sample] = []
     for i, spec in enumerate(cfg.datasets):
-        file = spec.train if split == "train" else spec.test
-        if file is None:
+        source = spec.source(split)
+        if source is None:
             continue
-        if not file.is_file():
-            raise DataConfigError(f"{cfg.path}: datasets[{i}].{split}: file not found: {file}")
+        if isinstance(source, Path) and not source.is_file():
+            raise DataConfigError(f"{cfg.path}: datasets[{i}].{split}: file not found: {source}")
         folder = spec.image_folder
         if folder is not None and not folder.is_dir():
             raise DataConfigError(
                 f"{cfg.path}: datasets[{i}].image_folder: folder not found: {folder}"
             )
-        valid = load_llava_file(
-            file,
-            folder,
-            domain=spec.domain,
-            allow_outside_images=allow_outside_images,
-            check_image=check,
-            report=report,
-        )
+        if isinstance(source, HFSource):
+            valid = _load_hf_entry(
+                f"{cfg.path}: datasets[{i}].{split}",
+                spec,
+                source,
+                check,
+                report,
+                allow_outside_images=allow_outside_images,
+            )
+        else:
+            valid = load_llava_file(
+                source,
+                folder,
+                domain=spec.domain,
+                allow_outside_images=allow_outside_images,
+                check_image=check,
+                report=report,
+            )
         take = spec.take if split == "train" else spec.test_take
         repeat = spec.repeat if split == "train" else 1
         if take != "all" and not isinstance(take, float) and take > len(valid):
