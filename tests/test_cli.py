@@ -57,6 +57,7 @@ def test_every_command_has_help_with_examples():
         "export-peft",
         "merge",
         "export-moe",
+        "serve",
     }
     assert set(sub.choices) == expected
     for name, p in sub.choices.items():

@@ -135,6 +135,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print(
+            "llava-mole serve: error: the server needs its extra: pip install 'llava-mole[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .serve import ServeOptions, serve
+
+    options = {k: v for k, v in vars(args).items() if k in ServeOptions.__dataclass_fields__}
+    serve(ServeOptions(**options))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .study.compare import run_study
 
@@ -333,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add(
+        "serve",
+        cmd_serve,
+        "serve a model (+ adapter) with an OpenAI-compatible API and a routing web page",
+        "llava-mole serve --model llava-mole-work/tiny-llava --adapter runs/tiny-mole\n"
+        "llava-mole serve --model M --adapter A --port 8001 --api-key secret "
+        "--allowed-image-dir ./images",
+    )
+    _serve_arguments(p)
+
+    p = add(
         "compare",
         cmd_compare,
         "run the data-conflict study (single-domain LoRA, mixed LoRA, mixed MoLE, controls)",
@@ -376,6 +403,39 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return parser
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``llava-mole serve`` (limits: see the README's Serving section)."""
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--adapter", default=None, help="adapter directory (omit for the base model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="model name (default: folder name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument(
+        "--allowed-image-dir", default=None, help="folder local image paths may come from"
+    )
+    limits = [
+        ("--max-image-pixels", 16_000_000, "larger images get 400"),
+        ("--max-request-bytes", 20_000_000, "larger request bodies get 413"),
+        ("--max-tokens", 256, "largest (and default) max_tokens"),
+        ("--max-batch-size", 16, "requests decoded together"),
+        ("--max-queue", 64, "waiting requests beyond this get 503"),
+    ]
+    for flag, default, text in limits:
+        p.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        help="how long a request waits for others to batch with (default: %(default)s)",
+    )
+    p.add_argument("--template", default=None, help="prompt template (default: the adapter's)")
+    p.add_argument("--system", default=None, help="vicuna_v1 system prompt (as predict)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import (
     LogitsProcessor,
@@ -30,12 +29,19 @@ from transformers import (
 )
 
 from llava_mole.adapters.state import RoutingTrace, trace_routing
-from llava_mole.data.images import pixel_values
 from llava_mole.data.templates import get_tokenizer
+from llava_mole.eval.batching import (
+    ImageInput,
+    left_pad,
+    model_device,
+    model_dtype,
+    pad_token_id,
+    stack_pixels,
+    stop_ids,
+)
 
 __all__ = ["DecodeParams", "Generation", "StreamEvent", "TokenInfo", "generate_batch"]
 
-ImageInput = Image.Image | torch.Tensor
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (dividing by them would overflow the logits)."""
 
@@ -122,88 +128,6 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------
-# Batch inputs
-# ---------------------------------------------------------------------------
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (where its inputs go)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """Floating dtype of the model (pixel values are cast to it)."""
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _pad_token_id(tokenizer: Any) -> int:
-    """The pad id: the tokenizer's pad token, else its eos, else 0."""
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
-
-
-def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: the generation config's eos id(s) and the tokenizer's."""
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _pixels(
-    images: Sequence[ImageInput | None],
-    processor: Any,
-    image_mode: str,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Stacks the pixel values of the images of a batch, in batch order (None: no image).
-
-    LLaVA fills the image tokens of the batch in order with the stacked images, so rows without
-    an image simply contribute nothing.
-    """
-    present = [img for img in images if img is not None]
-    if not present:
-        return None
-    image_processor = getattr(processor, "image_processor", None)
-    tensors = []
-    for img in present:
-        if isinstance(img, torch.Tensor):
-            tensors.append(img)
-        else:
-            if image_processor is None:
-                raise ValueError("an image was given but the processor has no image_processor")
-            tensors.append(pixel_values([img], image_processor, image_mode)[0])  # type: ignore[arg-type]
-    return torch.stack(tensors).to(device=device, dtype=dtype)
-
-
-def _left_pad(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pads 1-D id tensors into ``(input_ids, attention_mask)``.
-
-    Left padding keeps the last prompt token of every row at the same position, so the first
-    generated token of each row follows its own prompt directly.
-    """
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[row, length - len(prompt) :] = prompt
-            mask[row, length - len(prompt) :] = 1
-    return ids, mask
-
-
-# ---------------------------------------------------------------------------
 # Per-row sampling and stopping
 # ---------------------------------------------------------------------------
 
@@ -243,10 +167,13 @@ class _Row:
     finish: str | None = None
 
 
+UTF8_CONTINUATION = 3
+"""Most bytes that can still complete a character (a UTF-8 sequence has at most 4 bytes)."""
+
+
 def _held_back(text: str, stops: Sequence[str]) -> str:
-    """The part of `text` that is final: without a trailing partial character, whitespace, or
-    a tail that could still grow into a stop string."""
-    text = text.rstrip("\ufffd")
+    """`text` without a trailing whitespace run or a tail that could still grow into a stop
+    string."""
     keep = len(text)
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -262,7 +189,7 @@ class _RowMonitor(StoppingCriteria):
     def __init__(
         self,
         tokenizer: Any,
-        stop_ids: set[int],
+        end_ids: set[int],
         params: Sequence[DecodeParams],
         *,
         track_text: bool,
@@ -271,7 +198,7 @@ class _RowMonitor(StoppingCriteria):
         prompt_info: Callable[[int], list[TokenInfo] | None],
     ) -> None:
         self.tokenizer = tokenizer
-        self.stop_ids = stop_ids
+        self.end_ids = end_ids
         self.rows = [_Row(p) for p in params]
         self.track_text = track_text
         self.on_event = on_event
@@ -297,7 +224,7 @@ class _RowMonitor(StoppingCriteria):
     def _advance(self, index: int, row: _Row, token: int, experts: list[int] | None) -> None:
         row.generated += 1
         info = None
-        if token in self.stop_ids:
+        if token in self.end_ids:
             row.finish = "stop"
         else:
             row.ids.append(token)
@@ -321,15 +248,28 @@ class _RowMonitor(StoppingCriteria):
             self._emit(index, row, info)
 
     def _emit(self, index: int, row: _Row, info: TokenInfo | None) -> None:
-        if row.finish is not None:
-            final = self.text(row)
-        else:
-            final = _held_back(row.raw.lstrip(), row.params.stop)
+        final = self.text(row) if row.finish is not None else self._settled(row)
         delta = final[len(row.emitted) :] if final.startswith(row.emitted) else ""
         row.emitted += delta
         prompt = self.prompt_info(index) if self.step == 0 else None
         assert self.on_event is not None
         self.on_event(StreamEvent(index, delta, info, row.finish, prompt))
+
+    def _settled(self, row: _Row) -> str:
+        """The part of an unfinished answer that later tokens cannot change.
+
+        A trailing replacement character may be the start of a character whose other bytes
+        are still to come; the text of all but the last three tokens is settled once the full
+        text extends it (by then any such character is complete, or invalid for good).
+        """
+        visible = row.raw.lstrip()
+        settled = visible.rstrip("\ufffd")
+        if len(row.ids) > UTF8_CONTINUATION:
+            older = self.tokenizer.decode(row.ids[:-UTF8_CONTINUATION], skip_special_tokens=True)
+            older = older.lstrip()
+            if len(older) > len(settled) and visible.startswith(older):
+                settled = older
+        return _held_back(settled, row.params.stop)
 
     def text(self, row: _Row) -> str:
         """The row's answer text."""
@@ -416,21 +356,16 @@ def generate_batch(
     if not prompts or len(images) != len(prompts) or len(rows) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts, {len(images)} images, {len(rows)} params")
     tokenizer = get_tokenizer(processor)
-    pad_id = _pad_token_id(tokenizer)
-    device, dtype = _model_device(model), _model_dtype(model)
+    pad_id = pad_token_id(tokenizer)
     chunk = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
-    ids, mask = _left_pad(chunk, pad_id)
-    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    pixels = _pixels(images, processor, image_mode, dtype, device)
-    if pixels is not None:
-        inputs["pixel_values"] = pixels
+    inputs = _batch_inputs(model, processor, chunk, images, image_mode, pad_id)
     routing = routing or prompt_routing
     track = routing or on_event is not None or any(p.stop for p in rows)
     with trace_routing(model) if routing else nullcontext() as trace:
         image_id = getattr(getattr(model, "config", None), "image_token_id", None)
         monitor = _RowMonitor(
             tokenizer,
-            _stop_ids(model, tokenizer),
+            stop_ids(model, tokenizer),
             rows,
             track_text=track,
             on_event=on_event,
@@ -453,6 +388,24 @@ def generate_batch(
         )
         for k, row in enumerate(monitor.rows)
     ]
+
+
+def _batch_inputs(
+    model: nn.Module,
+    processor: Any,
+    prompts: Sequence[torch.Tensor],
+    images: Sequence[ImageInput | None],
+    image_mode: str,
+    pad_id: int,
+) -> dict[str, Any]:
+    """``input_ids``, ``attention_mask`` (left padding) and ``pixel_values`` on the model."""
+    device, dtype = model_device(model), model_dtype(model)
+    ids, mask = left_pad(prompts, pad_id)
+    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    pixels = stack_pixels(images, processor, image_mode, dtype, device)
+    if pixels is not None:
+        inputs["pixel_values"] = pixels
+    return inputs
 
 
 def _run_generate(

@@ -46,15 +46,14 @@ from llava_mole.data.templates import (
     build_prompt_for_generation,
     get_tokenizer,
 )
-from llava_mole.eval.decoding import (
-    DecodeParams,
+from llava_mole.eval.batching import (
     ImageInput,
-    _model_device,
-    _model_dtype,
-    _pad_token_id,
-    _pixels,
-    generate_batch,
+    model_device,
+    model_dtype,
+    pad_token_id,
+    stack_pixels,
 )
+from llava_mole.eval.decoding import DecodeParams, generate_batch
 from llava_mole.eval.metrics import score_predictions
 from llava_mole.models.loading import load_model_and_processor
 
@@ -310,10 +309,10 @@ def _routing_forward(
         return
     pixels = [pixels[k] for k in keep]
     domain_ids = [domain_ids[k] for k in keep]
-    device, dtype = _model_device(model), _model_dtype(model)
+    device, dtype = model_device(model), model_dtype(model)
     fulls = [batch[k].full for k in keep]
     length = max(len(f) for f in fulls)  # type: ignore[arg-type]
-    ids = torch.full((len(fulls), length), _pad_token_id(get_tokenizer(processor)))
+    ids = torch.full((len(fulls), length), pad_token_id(get_tokenizer(processor)))
     mask = torch.zeros((len(fulls), length), dtype=torch.long)
     answer = torch.zeros((len(fulls), length), dtype=torch.bool)
     for row, (k, full) in enumerate(zip(keep, fulls)):
@@ -322,7 +321,7 @@ def _routing_forward(
         # Positions whose next token is an answer token: where the answer is produced.
         answer[row, len(batch[k].prompt) - 1 : len(full) - 1] = True
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    stacked = _pixels(pixels, processor, "pad", dtype, device)
+    stacked = stack_pixels(pixels, processor, "pad", dtype, device)
     if stacked is not None:
         inputs["pixel_values"] = stacked
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
