@@ -50,6 +50,7 @@ def test_every_command_has_help_with_examples():
         "demo",
         "make-tiny",
         "make-data",
+        "convert",
         "train",
         "eval",
         "predict",

@@ -51,6 +51,17 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .data.convert import write_mixture
+
+    result = write_mixture(args.datasets, args.out, template=args.template)
+    for entry, counts in zip(result["entries"], result["counts"], strict=True):
+        rows = ", ".join(f"{split} {n} rows" for split, n in counts.items())
+        print(f"{entry['name']:>8}: domain {entry['domain']}, {entry['metric']}; {rows}")
+    print(f"mixture written to {result['path']}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import train
 
@@ -296,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="code answers as the bare code word, or after the domain's subject ('slide xray')",
     )
     p.add_argument("--seed", type=int, default=0)
+
+    p = add(
+        "convert",
+        cmd_convert,
+        "write a mixture YAML for local Hugging Face copies of VQAv2, TextVQA, DocVQA, ChartQA "
+        "and PathVQA (nothing is downloaded)",
+        "llava-mole convert vqav2=/data/VQAv2 docvqa=/data/DocVQA chartqa=/data/ChartQA "
+        "pathvqa=/data/path-vqa --out paper-mixture.yaml\n"
+        "llava-mole convert docvqa=lmms-lab/DocVQA --out docs.yaml   # from the local HF cache\n"
+        "llava-mole convert chartqa:test=/data/chartqa/test.parquet --out charts.yaml",
+    )
+    p.add_argument(
+        "datasets",
+        nargs="+",
+        metavar="PRESET=SOURCE",
+        help="PRESET (vqav2, textvqa, docvqa, chartqa, pathvqa) = a folder with splits, a "
+        "cached dataset name, or (as PRESET:train=... / PRESET:test=...) one split",
+    )
+    p.add_argument("--out", required=True, help="mixture YAML to write")
+    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "chat_template"))
 
     p = add(
         "train",

@@ -216,8 +216,9 @@ def resolve_columns(
         explicit: The mixture's ``columns`` mapping (role -> column, or None to leave a role
             out, e.g. ``image: null``); every named column must exist.
         dataset: Name for the error message.
-        candidates: Preset alternatives per role (the first present column is used). Roles
-            that neither `explicit` nor `candidates` names use a column of the role's name.
+        candidates: A preset's alternatives per role (the first present column is used; the
+            preset's roles only). Without a preset, unmapped roles use a column of the role's
+            name, if there is one (``columns: {image: null}`` leaves it out).
 
     Returns:
         role -> column, with one text schema (question, conversations or messages: an explicit
@@ -238,7 +239,7 @@ def resolve_columns(
         if column is not None:
             roles[role] = column
     for role in COLUMN_ROLES:
-        options = (candidates or {}).get(role, (role,))
+        options = candidates.get(role, ()) if candidates else (role,)
         found = next((c for c in options if c in have), None)
         if role not in explicit and found is not None:
             roles[role] = found
