@@ -299,3 +299,19 @@ def test_bad_convert_input_is_one_line_exit_2(tmp_path, layouts, capsys, args, m
     assert err[0].startswith("llava-mole convert: error: ") and message in err[0], err
     assert len(err) == 2 and "--debug" in err[1]
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_paper_mixture_recipe_is_a_valid_mixture():
+    cfg = load_mixture(Path(__file__).resolve().parents[2] / "configs" / "paper-mixture.yaml")
+    assert cfg.domains == ["general", "document", "chart", "biomedical"]
+    assert cfg.metrics == {
+        "general": "vqa_accuracy",
+        "document": "anls",
+        "chart": "relaxed_accuracy",
+        "biomedical": "pathvqa",
+    }
+    assert {d.name: d.preset for d in cfg.datasets} == {n: n for n in PRESETS}
+    # the compute stated in docs/data.md: 100k + 34,602 + 39,463 + 28,299 + 2 x 19,654 samples
+    rows = {"vqav2": 100_000, "textvqa": 34_602, "docvqa": 39_463, "chartqa": 28_299}
+    rows["pathvqa"] = 19_654
+    assert sum(rows[d.name] * d.repeat for d in cfg.datasets) == 241_672
