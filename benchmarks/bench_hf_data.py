@@ -129,6 +129,27 @@ def child(phase: str, folder: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip() or None
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    model = names[0].split(":", 1)[1].strip() if names else "unknown"
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -158,6 +179,8 @@ def main() -> None:
         print(row + f"{r.get('samples', ''):>10}")
     if args.json:
         meta = {
+            "commit": _commit(),
+            "cpu": _cpu(),
             "rows": args.rows,
             "parquet_mb": round(size / 2**20, 1),
             "arrow_mb": round(cache_mb, 1),
