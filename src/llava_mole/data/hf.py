@@ -381,7 +381,8 @@ def _image_reader(ds: Any, roles: Mapping[str, str], name: str) -> _ImageReader 
             f"dataset {name}: column {roles[role]!r} (columns.{role}) has type {column_type}, "
             "not an image ({bytes, path}), bytes or a path"
         )
-    return _ImageReader(ArrowImageColumn(ds.data, roles[role], name, is_list), kind)
+    store = ArrowImageColumn(ds.data, roles[role], f"{name}:{roles[role]}", is_list)
+    return _ImageReader(store, kind)
 
 
 # ---------------------------------------------------------------------------------- rows
