@@ -475,6 +475,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .models.loading import ModelLoadError
     from .study.compare import StudyWorkersError
     from .train.config import ConfigError
+    from .train.lock import RunLockedError
     from .train.trainer import NonFiniteLossError
 
     return (
@@ -483,6 +484,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         ModelLoadError,
         NonFiniteLossError,
+        RunLockedError,
         StudyWorkersError,
         ValueError,
         FileNotFoundError,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from llava_mole.adapters.io import read_adapter_tensors
 from llava_mole.cli import main
 from llava_mole.train.callbacks import RouterCollapseMonitor
-from llava_mole.train.trainer import is_complete_checkpoint, latest_checkpoint
+from llava_mole.train.checkpoints import is_complete_checkpoint, latest_checkpoint
 from tests.train.test_train import base_overrides, logged_losses
 
 REPO = Path(__file__).resolve().parents[2]

@@ -281,7 +281,7 @@ def test_domain_router_trains_evaluates_and_refuses_free_form_prompts(tiny_world
 
 
 def test_settings_added_later_do_not_orphan_earlier_runs(tiny_world, tmp_path):
-    from llava_mole.train.run import config_changes
+    from llava_mole.train.resume import config_changes
 
     config = load_train_config(None, base_overrides(tiny_world, tmp_path))
     older = config.to_dict()  # a run_config.yaml written before these settings existed
@@ -294,7 +294,7 @@ def test_settings_added_later_do_not_orphan_earlier_runs(tiny_world, tmp_path):
 
 
 def test_router_settings_do_not_make_plain_lora_runs_stale(tiny_world, tmp_path):
-    from llava_mole.train.run import config_changes
+    from llava_mole.train.resume import config_changes
 
     lora = ["adapter.type=lora"]
     config = load_train_config(None, base_overrides(tiny_world, tmp_path) + lora)

@@ -51,7 +51,8 @@ from ..train.config import (
     TrainConfig,
     TrainSection,
 )
-from ..train.run import RESUME_FREE_KEYS, config_changes, train
+from ..train.resume import RESUME_FREE_KEYS, config_changes
+from ..train.run import train
 
 __all__ = [
     "SETTINGS",

@@ -129,13 +129,15 @@ class TrainSection:
         precision: ``fp32``, ``bf16`` or ``fp16`` (mixed precision; routers stay float32).
         seed: seed of data order, initialisation and dropout.
         weight_decay: AdamW weight decay.
-        max_grad_norm: gradient clipping.
+        max_grad_norm: gradient clipping norm (> 0); ``null`` turns clipping off.
         logging_steps: steps between log lines.
         save_steps: steps between checkpoints (``0``: only at the end).
-        save_total_limit: checkpoints kept.
+        save_total_limit: checkpoints kept (>= 1; ``null`` keeps all).
         gradient_checkpointing: non-reentrant activation checkpointing.
         num_workers: data-loader workers.
         nan_policy: ``stop`` (default) or ``skip`` a step whose loss or gradients are not finite.
+        max_skipped_share: with ``nan_policy: skip``, the run fails when more than this share
+            of its steps was skipped.
         collapse_threshold: warn when an expert gets less than this share of tokens...
         collapse_window: ...averaged over this many logged steps.
         log_domain_loss: log the LM loss per domain.
@@ -162,13 +164,14 @@ class TrainSection:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     logging_steps: int = 10
     save_steps: int = 0
-    save_total_limit: int = 2
+    save_total_limit: int | None = 2
     gradient_checkpointing: bool = False
     num_workers: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped_share: float = 0.25
     collapse_threshold: float = 0.02
     collapse_window: int = 5
     log_domain_loss: bool = True
@@ -203,16 +206,7 @@ class TrainConfig:
             raise ConfigError("data.mixture: required (a mixture YAML)")
         if not self.output_dir:
             raise ConfigError("output_dir: required")
-        positive = {
-            "train.per_device_batch_size": self.train.per_device_batch_size,
-            "train.gradient_accumulation": self.train.gradient_accumulation,
-            "train.logging_steps": self.train.logging_steps,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}: must be >= 1 (got {value})")
-        if self.train.learning_rate <= 0:
-            raise ConfigError(f"train.learning_rate: must be > 0 (got {self.train.learning_rate})")
+        self._check_ranges()
         if not 0 <= self.train.warmup_ratio < 1:
             raise ConfigError(
                 f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})"
@@ -235,6 +229,44 @@ class TrainConfig:
             if name not in ("tensorboard", "none"):
                 raise ConfigError(f"train.report_to: unknown logger {name!r} (tensorboard, none)")
         self.adapter.to_mole_config()
+
+    def _check_ranges(self) -> None:
+        """Every numeric setting inside its range (``None`` is allowed where it means 'off')."""
+        t = self.train
+        rules: list[tuple[str, Any, str, Any]] = [
+            ("data.max_length", self.data.max_length, ">=", 1),
+            ("train.per_device_batch_size", t.per_device_batch_size, ">=", 1),
+            ("train.gradient_accumulation", t.gradient_accumulation, ">=", 1),
+            ("train.logging_steps", t.logging_steps, ">=", 1),
+            ("train.save_steps", t.save_steps, ">=", 0),
+            ("train.save_total_limit", t.save_total_limit, ">=", 1),
+            ("train.stop_after_steps", t.stop_after_steps, ">=", 0),
+            ("train.num_workers", t.num_workers, ">=", 0),
+            ("train.seed", t.seed, ">=", 0),
+            ("train.collapse_window", t.collapse_window, ">=", 1),
+            ("train.learning_rate", t.learning_rate, ">", 0),
+            ("train.projector_lr", t.projector_lr, ">", 0),
+            ("train.router_lr", t.router_lr, ">", 0),
+            ("train.max_grad_norm", t.max_grad_norm, ">", 0),
+            ("train.weight_decay", t.weight_decay, ">=", 0),
+            ("train.collapse_threshold", t.collapse_threshold, "in [0, 1)", (0, 1)),
+            ("train.max_skipped_share", t.max_skipped_share, "in [0, 1]", (0, 1)),
+        ]
+        for key, value, rule, bound in rules:
+            if value is None:
+                continue
+            if rule == ">=":
+                ok = value >= bound
+            elif rule == ">":
+                ok = value > bound
+            elif rule == "in [0, 1)":
+                ok = bound[0] <= value < bound[1]
+            else:
+                ok = bound[0] <= value <= bound[1]
+            if not ok:
+                shown = rule if rule.startswith("in") else f"{rule} {bound}"
+                hint = " (null turns clipping off)" if key == "train.max_grad_norm" else ""
+                raise ConfigError(f"{key}: must be {shown} (got {value}){hint}")
 
 
 # ---- parsing -------------------------------------------------------------------------------

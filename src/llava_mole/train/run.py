@@ -23,55 +23,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from transformers import TrainerState
 
 from ..adapters.inject import AdapterError, apply_mole, count_trainable
 from ..adapters.io import atomic_write_bytes
 from ..adapters.mole import MoLEMLP
 from ..data.collate import DataCollator, ModalityLengthGroupedSampler
-from ..data.mixture import build_datasets
+from ..data.mixture import build_datasets, load_mixture
 from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
+from .checkpoints import (
+    TRAINER_STATE,
+    folder_bytes,
+    is_write_failure,
+    latest_checkpoint,
+    read_trainer_state,
+    write_failure,
+)
 from .config import ConfigError, TrainConfig, load_train_config
+from .lock import run_lock
 from .plots import plot_training, read_log
-from .trainer import MoLETrainer, latest_checkpoint, warmup_steps_value
+from .resume import RUN_CONFIG, SUMMARY, plan_run
+from .trainer import MoLETrainer, NonFiniteLossError, warmup_steps_value
 
 logger = logging.getLogger("llava_mole.train")
-
-RUN_CONFIG = "run_config.yaml"
-SUMMARY = "summary.json"
-# Settings that may change between an interrupted run and its resumption.
-RESUME_FREE_KEYS = frozenset(
-    {
-        "train.resume",
-        "train.stop_after_steps",
-        "train.logging_steps",
-        "train.save_steps",
-        "train.save_total_limit",
-        "train.num_workers",
-        "train.report_to",
-        "train.collapse_threshold",
-        "train.collapse_window",
-        "adapter.dispatch",
-    }
-)
-# Settings a plain-LoRA adapter (``adapter.type: lora``) has no use for: changing them does
-# not change what such a run trains, so they never make it stale.
-MOLE_ONLY_KEYS = frozenset(
-    {
-        "adapter.num_experts",
-        "adapter.top_k",
-        "adapter.normalize_top_k",
-        "adapter.balance_coef",
-        "adapter.router_z_coef",
-        "adapter.gate_weighting",
-        "adapter.balance_loss",
-        "adapter.router",
-        "train.router_lr",
-        "train.router_dense_warmup",
-    }
-)
 
 
 @dataclass
@@ -81,75 +57,6 @@ class TrainResult:
     output_dir: Path
     summary: dict[str, Any]
     completed: bool
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = value
-    return out
-
-
-def _check_output_dir(config: TrainConfig) -> Path | None:
-    """Decide whether to resume; refuse another run's directory. Returns the checkpoint."""
-    out = Path(config.output_dir)
-    checkpoint = latest_checkpoint(out) if out.is_dir() else None
-    resume = config.train.resume
-    if isinstance(resume, str) and resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(f"train.resume: checkpoint not found: {path}")
-        checkpoint = path
-    saved = out / RUN_CONFIG
-    if checkpoint is None:
-        return None
-    if resume is False:
-        raise ConfigError(
-            f"output_dir {out} already holds checkpoints ({checkpoint.name}); use a new output_dir "
-            "or set train.resume=auto to continue that run"
-        )
-    if saved.is_file():
-        changes = config_changes(yaml.safe_load(saved.read_text()) or {}, config)
-        if changes:
-            key, before, now = changes[0]
-            raise ConfigError(
-                f"output_dir {out} holds checkpoints of another run ({key}: {before!r} "
-                f"there, {now!r} here); use a new output_dir"
-            )
-    return checkpoint
-
-
-def config_changes(
-    saved: dict[str, Any], config: TrainConfig, ignore: frozenset[str] = RESUME_FREE_KEYS
-) -> list[tuple[str, Any, Any]]:
-    """The settings in which ``config`` differs from a run's saved ``run_config.yaml``.
-
-    A key the saved file lacks (written before that setting existed) counts as its default,
-    so adding a setting does not orphan earlier runs; router and expert settings
-    (:data:`MOLE_ONLY_KEYS`) do not count when both are plain-LoRA runs.
-
-    Args:
-        saved: the parsed ``run_config.yaml``.
-        config: the configuration asked for now.
-        ignore: dotted keys that may differ.
-
-    Returns:
-        ``(dotted key, saved value, value now)`` for each difference, sorted by key.
-    """
-    defaults = _flatten(TrainConfig().to_dict())
-    before, now = _flatten(saved), _flatten(config.to_dict())
-    if before.get("adapter.type", defaults["adapter.type"]) == now["adapter.type"] == "lora":
-        ignore = ignore | MOLE_ONLY_KEYS
-    changes = []
-    for key in sorted(set(before) | set(now)):
-        old = before.get(key, defaults.get(key))
-        if key not in ignore and old != now.get(key):
-            changes.append((key, old, now.get(key)))
-    return changes
 
 
 def _training_arguments(config: TrainConfig, has_cuda: bool):
@@ -166,7 +73,7 @@ def _training_arguments(config: TrainConfig, has_cuda: bool):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
+        max_grad_norm=t.max_grad_norm or 0.0,  # null: no clipping
         logging_steps=t.logging_steps,
         logging_first_step=False,
         save_strategy="steps" if t.save_steps > 0 else "no",
@@ -216,6 +123,9 @@ def _zero3_leaf(config: TrainConfig) -> None:
 def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) -> TrainResult:
     """Fine-tune a model with a MoLE or LoRA adapter as described by ``config``.
 
+    One run per ``output_dir`` (an exclusive lock, see :mod:`.lock`); a finished run is
+    recognised and left unchanged; an interrupted one resumes from its newest intact checkpoint.
+
     Args:
         config: a :class:`TrainConfig` or the path of a training YAML.
         overrides: ``dotted.key=value`` strings applied on top of the YAML.
@@ -224,8 +134,6 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         A :class:`TrainResult`; ``completed`` is False when ``stop_after_steps`` ended the run
         early (resume by running the same command again).
     """
-    from transformers import set_seed
-
     if not isinstance(config, TrainConfig):
         config = load_train_config(config, overrides)
     elif overrides:
@@ -234,14 +142,61 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         raise ConfigError(
             f"data.mixture: file not found: {config.data.mixture} (run `llava-mole make-data`?)"
         )
-    checkpoint = _check_output_dir(config)
-    out = Path(config.output_dir)
-    if checkpoint is None and (out / SUMMARY).is_file() and config.train.resume is not False:
-        summary = json.loads((out / SUMMARY).read_text())
-        logger.info("%s: run already complete", out)
-        return TrainResult(out, summary, True)
+    with run_lock(config.output_dir):
+        return _train_locked(config)
 
+
+def _train_locked(config: TrainConfig) -> TrainResult:
+    from transformers import set_seed
+
+    out = Path(config.output_dir)
+    plan = plan_run(config)
+    if plan.kind == "complete":
+        print(f"{out}: run already complete ({plan.summary.get('steps')} steps); nothing changed")
+        return TrainResult(out, plan.summary, True)
     set_seed(config.train.seed)
+    model, processor, mole_config = _setup_model(config)
+    dataset, report = _setup_data(config, processor, mole_config)
+    args = _training_arguments(config, torch.cuda.is_available())
+    out.mkdir(parents=True, exist_ok=True)
+    if args.process_index == 0:
+        atomic_write_bytes(out / RUN_CONFIG, config.to_yaml().encode())
+    trainer, stopper, monitor = _setup_trainer(config, model, processor, dataset, report, args)
+    started = time.perf_counter()
+    if plan.kind == "finalize":
+        print(f"{plan.checkpoint.name} is the end of the schedule: writing the final adapter")
+        trainer._load_from_checkpoint(str(plan.checkpoint))
+        trainer.state = TrainerState.load_from_json(str(plan.checkpoint / TRAINER_STATE))
+    else:
+        if plan.checkpoint is not None:
+            state = read_trainer_state(plan.checkpoint)
+            print(
+                f"resuming {out} from {plan.checkpoint.name} "
+                f"(step {state['global_step']} of {state.get('max_steps')})",
+                flush=True,
+            )
+        resume = str(plan.checkpoint) if plan.checkpoint else None
+        trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - started
+    tokens = trainer.accelerator.reduce(
+        torch.as_tensor(trainer.tokens_seen, dtype=torch.float32, device=args.device), "sum"
+    ).item()
+    completed = not stopper.stopped
+    summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, plan.checkpoint)
+    _check_skipped(config, summary)
+    if trainer.is_world_process_zero():
+        if completed:
+            _write_final(trainer, out, summary, config)
+        else:
+            print(
+                f"stopped after step {trainer.state.global_step}; run the same command again to resume",
+                flush=True,
+            )
+    return TrainResult(out, summary, completed)
+
+
+def _setup_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, Any]:
+    """Base model and processor, adapted, with float32 trainable weights."""
     model, processor = load_model_and_processor(
         config.model.path,
         config.model.dtype,
@@ -256,21 +211,25 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # fp32 master weights; autocast runs the math in bf16
-    stage = _zero3_leaf(config)
-    if stage == 3:
+    if _zero3_leaf(config) == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [MoLEMLP])
+    return model, processor, mole_config
 
+
+def _setup_data(config: TrainConfig, processor: Any, mole_config: Any) -> tuple[Any, Any]:
+    """The training dataset (``data.max_length`` applied) and its load report."""
+    mixture = load_mixture(config.data.mixture)
+    if config.data.max_length is not None:
+        mixture.max_length = config.data.max_length
     dataset, report = build_datasets(
-        config.data.mixture,
+        mixture,
         processor,
         split=config.data.split,
         seed=config.train.seed,
         strict=config.data.strict,
     )
-    if config.data.max_length is not None:
-        dataset.max_length = config.data.max_length
     if mole_config.router == "domain":
         # Expert i serves the mixture's i-th domain; the adapter file records the names.
         mole_config.router_domains = tuple(dataset.domains)
@@ -283,13 +242,10 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     print(report.summary(), flush=True)
     if len(dataset) == 0:
         raise ConfigError(f"data.mixture {config.data.mixture}: no usable training samples")
+    return dataset, report
 
-    has_cuda = torch.cuda.is_available()
-    args = _training_arguments(config, has_cuda)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.process_index == 0:
-        atomic_write_bytes(out / RUN_CONFIG, config.to_yaml().encode())
 
+def _setup_trainer(config, model, processor, dataset, report, args):
     monitor = RouterCollapseMonitor(config.train.collapse_threshold, config.train.collapse_window)
     stopper = StopAfterSteps(config.train.stop_after_steps)
     trainer = MoLETrainer(
@@ -311,7 +267,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
                 "domains": dict(report.per_domain),
             },
         },
-        callbacks=[JsonlLogger(out / "logs.jsonl"), monitor, stopper],
+        callbacks=[JsonlLogger(Path(config.output_dir) / "logs.jsonl"), monitor, stopper],
     )
     if config.data.group_by_length:
         sampler = ModalityLengthGroupedSampler(
@@ -322,30 +278,37 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
             config.train.seed,
         )
         trainer._get_train_sampler = lambda *a, **k: sampler
+    return trainer, stopper, monitor
 
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    wall = time.perf_counter() - started
-    tokens = trainer.accelerator.reduce(
-        torch.as_tensor(trainer.tokens_seen, dtype=torch.float32, device=args.device), "sum"
-    ).item()
-    completed = not stopper.stopped
-    summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, checkpoint)
-    if trainer.is_world_process_zero():
-        if completed:
-            trainer.save_model(str(out))
-            atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
-            plot_training(
-                out / "logs.jsonl",
-                out / "training.png",
-                title=f"{mole_config.mode} r={mole_config.rank}",
-            )
-        else:
-            print(
-                f"stopped after step {trainer.state.global_step}; run the same command again to resume",
-                flush=True,
-            )
-    return TrainResult(out, summary, completed)
+
+def _check_skipped(config: TrainConfig, summary: dict[str, Any]) -> None:
+    """``nan_policy: skip`` fails the run when too many steps were skipped."""
+    skipped, steps = len(summary["skipped_steps"]), max(1, summary["steps"])
+    limit = config.train.max_skipped_share
+    if skipped and skipped / steps > limit:
+        raise NonFiniteLossError(
+            f"skipped {skipped} of {steps} steps with non-finite loss or gradients "
+            f"(more than train.max_skipped_share={limit:g}); the run failed: lower "
+            "train.learning_rate or check the data"
+        )
+
+
+def _write_final(trainer: MoLETrainer, out: Path, summary: dict[str, Any], config) -> None:
+    """Final adapter, then ``summary.json`` (its presence marks the run complete)."""
+    try:
+        trainer.save_model(str(out))
+        atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(
+            err, out, 2 * folder_bytes(latest_checkpoint(out)) + (1 << 20)
+        ) from None
+    plot_training(
+        out / "logs.jsonl",
+        out / "training.png",
+        title=f"{config.adapter.type} r={config.adapter.rank}",
+    )
 
 
 def _summary(trainer, config, wall, tokens, report, warnings, resumed_from) -> dict[str, Any]:

@@ -41,6 +41,16 @@ from ..adapters.state import (
     set_token_tags,
 )
 from ..data.templates import IGNORE_INDEX
+from .checkpoints import (
+    TEMP_PREFIX,
+    folder_bytes,
+    fsync_tree,
+    is_write_failure,
+    latest_checkpoint,
+    pick_checkpoint,
+    rotate_checkpoints,
+    write_failure,
+)
 
 logger = logging.getLogger("llava_mole.train")
 
@@ -236,12 +246,14 @@ class MoLETrainer(Trainer):
         return loss
 
     def _nan_message(self, what: str, step: int) -> str:
-        last = _latest_complete_checkpoint(self.args.output_dir)
-        kept = (
-            f"; the last good checkpoint {last} is intact"
-            if last
-            else "; no checkpoint was written yet"
-        )
+        choice = pick_checkpoint(self.args.output_dir)
+        if choice.path is not None:
+            kept = (
+                f"; the last good checkpoint {choice.path} is intact (verified: every file "
+                "reads back, adapter finite)"
+            )
+        else:
+            kept = "; no intact checkpoint was written yet"
         return (
             f"non-finite {what} (NaN/Inf) at step {step}: training stopped{kept} "
             "(lower train.learning_rate, or set train.nan_policy=skip)"
@@ -323,10 +335,28 @@ class MoLETrainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         step = self.state.global_step
         final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        temp = run_dir / f".tmp-{PREFIX_CHECKPOINT_DIR}-{step}"
+        temp = run_dir / f"{TEMP_PREFIX}{step}-{self._temp_token()}"
         if self.args.should_save:
             shutil.rmtree(temp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
+        try:
+            self._write_checkpoint(temp)
+            if self.args.should_save:
+                fsync_tree(temp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(temp, final)
+                fsync_dir(run_dir)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            shutil.rmtree(temp, ignore_errors=True)
+            raise write_failure(err, run_dir, self._checkpoint_bytes(run_dir)) from None
+        if self.args.should_save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, temp: Path) -> None:
         self.store_flos()
         self.save_model(str(temp), _internal_call=True)
         if not self.args.save_only_model:
@@ -339,14 +369,25 @@ class MoLETrainer(Trainer):
                     self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
             self.state.save_to_json(str(temp / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            _fsync_tree(temp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temp, final)
-            fsync_dir(run_dir)
-            _rotate_checkpoints(run_dir, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
+
+    def _temp_token(self) -> str:
+        """A name part unique to this run's processes (rank 0's PID, shared with every rank)."""
+        if getattr(self, "_token", None) is None:
+            token = [str(os.getpid())]
+            if self.args.world_size > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(token)
+            self._token = token[0]
+        return self._token
+
+    def _checkpoint_bytes(self, run_dir: Path) -> int:
+        """About what one checkpoint takes: the last one's size, else adapter + 2 Adam moments."""
+        last = folder_bytes(latest_checkpoint(run_dir))
+        trainable = sum(
+            p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad
+        )
+        return last or 3 * trainable + (1 << 20)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
@@ -408,53 +449,6 @@ def _save_from_state_dict(
             if name in state_dict and state_dict[name].shape == params[name].shape:
                 params[name].data = state_dict[name].to(params[name].device, params[name].dtype)
     save_adapter(model, output_dir, extra)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    fsync_dir(root)
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-    if path.is_dir() and path.name.startswith(prefix) and path.name[len(prefix) :].isdigit():
-        return int(path.name[len(prefix) :])
-    return None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint directory with adapter, trainer state and optimizer state."""
-    needed = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json")
-    return all((path / name).is_file() for name in needed)
-
-
-def _latest_complete_checkpoint(run_dir: str | os.PathLike | None) -> Path | None:
-    if not run_dir or not Path(run_dir).is_dir():
-        return None
-    steps = [(s, p) for p in Path(run_dir).iterdir() if (s := _checkpoint_step(p)) is not None]
-    for _, path in sorted(steps, reverse=True):
-        if is_complete_checkpoint(path):
-            return path
-    return None
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``checkpoint-N`` directory of a run (temporary ones are ignored)."""
-    return _latest_complete_checkpoint(run_dir)
-
-
-def _rotate_checkpoints(run_dir: Path, limit: int | None) -> None:
-    if not limit or limit < 1:
-        return
-    steps = sorted((s, p) for p in run_dir.iterdir() if (s := _checkpoint_step(p)) is not None)
-    for _, path in steps[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
-    for leftover in run_dir.glob(f".tmp-{PREFIX_CHECKPOINT_DIR}-*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def warmup_steps_value(ratio: float) -> float:
