@@ -17,6 +17,7 @@ GateWeighting = Literal["prob", "none"]
 BalanceLoss = Literal["switch", "official"]
 Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
 Router = Literal["linear", "domain"]
+SWIGLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 # Fields that change how the adapter computes but not which tensors it holds or what they mean;
 # a saved adapter may be loaded under different values of these.
@@ -85,9 +86,10 @@ class MoLEConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.attn_targets = tuple(self.attn_targets)
-        self.mlp_targets = tuple(self.mlp_targets)
-        self.router_domains = tuple(self.router_domains)
+        for name in ("attn_targets", "mlp_targets", "router_domains"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # a string stays a string: validate() refuses it
+                setattr(self, name, tuple(value))
         self.validate()
 
     def validate(self) -> None:
@@ -137,17 +139,22 @@ class MoLEConfig:
             bad("dispatch", "must be one of 'auto', 'loop', 'grouped_mm', 'dense', 'triton'")
         for name in ("attn_targets", "mlp_targets"):
             value = getattr(self, name)
-            if not all(isinstance(v, str) and v for v in value):
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
                 bad(name, "must be a list of module names")
         if self.mode == "mole" and len(self.mlp_targets) == 0:
             bad("mlp_targets", "MoLE needs at least one MLP projection")
+        unknown = [t for t in self.mlp_targets if t not in SWIGLU_PROJECTIONS]
+        if unknown:
+            bad("mlp_targets", f"{unknown[0]!r} is not one of {list(SWIGLU_PROJECTIONS)}")
         if self.target_tree is not None and not isinstance(self.target_tree, str):
             bad("target_tree", "must be a dotted module path or null")
         if not isinstance(self.train_projector, bool):
             bad("train_projector", "must be true or false")
         if self.router not in ("linear", "domain"):
             bad("router", "must be 'linear' or 'domain'")
-        if not all(isinstance(v, str) and v for v in self.router_domains):
+        if not isinstance(self.router_domains, tuple) or not all(
+            isinstance(v, str) and v for v in self.router_domains
+        ):
             bad("router_domains", "must be a list of domain names")
         if self.router == "domain" and self.mode != "mole":
             bad("router", "'domain' routing is for MoLE adapters (mode='mole')")

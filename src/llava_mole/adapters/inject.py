@@ -151,7 +151,7 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
                     base = getattr(mlp, target)
                     setattr(mlp, target, LoRALinear(base, rank, alpha, config.dropout))
 
-    attn_wrapped = 0
+    wrapped = {target: 0 for target in config.attn_targets}
     for name, module in list(tree.named_modules()):
         if _is_vision(_join(tree_path, name)) or isinstance(module, (MoLEMLP, LoRALinear)):
             continue
@@ -161,11 +161,12 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
                 setattr(
                     module, target, LoRALinear(child, config.rank, config.alpha, config.dropout)
                 )
-                attn_wrapped += 1
-    if config.attn_targets and attn_wrapped == 0:
+                wrapped[target] += 1
+    missing = [target for target, count in wrapped.items() if count == 0]
+    if missing:
         raise AdapterError(
-            f"{type(model).__name__}: no attention projections named {list(config.attn_targets)} "
-            f"under {tree_path or 'the model'!r}"
+            f"{type(model).__name__}: no attention projection named {missing[0]!r} under "
+            f"{tree_path or 'the model'!r} (attn_targets: {list(config.attn_targets)})"
         )
 
     if config.train_projector:

@@ -8,6 +8,7 @@ a temporary name in the target directory, fsync, rename.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,8 @@ from torch import nn
 from .card import CARD_NAME, SCORES_KEY, render_model_card
 from .config import RUNTIME_FIELDS, MoLEConfig
 from .inject import AdapterError, adapter_info, apply_mole, unwrap
+
+logger = logging.getLogger("llava_mole")
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -205,10 +208,15 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[MoLEConfig, dict[
         raise AdapterError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise AdapterError(f"{path}: not a llava-mole adapter config (missing format={FORMAT!r})")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterError(
-            f"{path}: format_version {payload['format_version']} is newer than this llava-mole"
-        )
+    version = payload.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AdapterError(f"{path}: format_version must be an integer (got {version!r})")
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path}: format_version {version} is newer than this llava-mole")
+    if not isinstance(payload.get("mole", {}), dict) or not isinstance(
+        payload.get("extra") or {}, dict
+    ):
+        raise AdapterError(f"{path}: 'mole' and 'extra' must be mappings")
     try:
         config = MoLEConfig.from_dict(payload.get("mole", {}))
     except (TypeError, ValueError) as err:
@@ -217,13 +225,23 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[MoLEConfig, dict[
 
 
 def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; each must be floating point and finite (one line otherwise)."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"{path}: unreadable safetensors file ({err})") from None
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(
+                f"{path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}; "
+                "adapter tensors must be floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
+    return tensors
 
 
 def _config_mismatch(saved: MoLEConfig, current: MoLEConfig) -> str | None:
@@ -246,6 +264,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         AdapterError: naming the first config field or tensor that does not fit.
     """
     config, _ = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)  # checked before the model is touched
     info = adapter_info(model)
     if info is None:
         apply_mole(model, config)
@@ -254,7 +273,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         problem = _config_mismatch(config, info.config)
         if problem:
             raise AdapterError(f"{directory}: adapter config does not match the model ({problem})")
-    tensors = read_adapter_tensors(directory)
     params = dict(unwrap(model).named_parameters())
     for name in info.trainable:
         if name not in tensors:
@@ -268,6 +286,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if unexpected:
         raise AdapterError(
             f"{directory}: tensor {unexpected[0]!r} in the adapter has no place in the model"
+        )
+    cast = sorted(
+        {(str(tensors[n].dtype), str(params[n].dtype)) for n in info.trainable}
+        - {(str(params[n].dtype),) * 2 for n in info.trainable}
+    )
+    if cast:
+        stored, used = (d.removeprefix("torch.") for d in cast[0])
+        logger.warning(
+            "note: %s: adapter tensors stored as %s are cast to %s", directory, stored, used
         )
     with torch.no_grad():
         for name in info.trainable:
