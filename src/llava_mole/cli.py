@@ -11,6 +11,21 @@ from collections.abc import Callable
 from .models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (a bad value exits 2 with one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        return value
+
+    return parse
+
+
 def _examples(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
@@ -291,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "out", nargs="?", default=DEFAULT_DATA_DIR, help="output folder (default: %(default)s)"
     )
-    p.add_argument("--samples-per-domain", type=int, default=600)
-    p.add_argument("--test-per-domain", type=int, default=200)
-    p.add_argument("--num-classes", type=int, default=24)
+    p.add_argument("--samples-per-domain", type=_at_least(1), default=600)
+    p.add_argument("--test-per-domain", type=_at_least(1), default=200)
+    p.add_argument("--num-classes", type=_at_least(2), default=24)
     p.add_argument(
         "--code-questions",
         choices=("shared", "domain"),

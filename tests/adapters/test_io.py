@@ -161,3 +161,55 @@ def test_llava_15_7b_size_on_meta_device():
     expected = layers * (attention + experts + router) + projector
     assert expected == 194_125_824
     assert count_trainable(model) == expected
+
+
+def _rewrite_tensors(directory, change) -> None:
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = change(tensors[first])
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t: t * float("nan"), "holds NaN or Inf"),
+        (lambda t: torch.full_like(t, float("inf")), "holds NaN or Inf"),
+        (lambda t: t > 0, "is bool; adapter tensors must be floating point"),
+        (lambda t: t.to(torch.int64), "is int64"),
+    ],
+)
+def test_adapter_values_are_checked_before_the_model_changes(tmp_path, change, match):
+    save_adapter(apply_mole(build_llava(), cfg()), tmp_path / "ad")
+    _rewrite_tensors(tmp_path / "ad", change)
+    model = build_llava()
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(model, tmp_path / "ad")
+    assert not any(isinstance(m, (LoRALinear, MoLEMLP)) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("format_version", "2", "format_version must be an integer"),
+        ("mole", ["x"], "'mole' and 'extra' must be mappings"),
+    ],
+)
+def test_adapter_config_field_types(tmp_path, field, value, match):
+    save_adapter(apply_mole(build_llava(), cfg()), tmp_path / "ad")
+    path = tmp_path / "ad" / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    payload[field] = value
+    path.write_text(json.dumps(payload))
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(build_llava(), tmp_path / "ad")
+
+
+def test_a_string_where_a_list_of_targets_belongs_is_refused():
+    with pytest.raises(ValueError, match="attn_targets: must be a list"):
+        MoLEConfig.from_dict({"attn_targets": "q_proj"})
+    with pytest.raises(ValueError, match="'nope' is not one of"):
+        MoLEConfig(mlp_targets=["nope"])
+    with pytest.raises(AdapterError, match="no attention projection named 'qq_proj'"):
+        apply_mole(build_llava(), MoLEConfig(attn_targets=["q_proj", "qq_proj"]))
