@@ -329,3 +329,13 @@ def test_embedded_images_pickle_by_file_and_batches_cross_rows(tmp_path):
     again = pickle.loads(blob)
     assert isinstance(again, Sample) and load_image(again.image).size == (12, 8)
     assert io.BytesIO(again.image.open().read()).getbuffer().nbytes > 0
+
+
+def test_llava_json_files_keep_their_reader_whatever_their_suffix(tmp_path):
+    convs = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]
+    (tmp_path / "train.data").write_text(json.dumps([{"id": "a", "conversations": convs}]))
+    samples, _ = load_split(write_mixture(tmp_path, {"domain": "d", "train": "train.data"}))
+    assert [s.id for s in samples] == ["a"]  # a JSON list, as before: not a datasets source
+    bad = {"domain": "d", "train": "train.data", "prompt_suffix": "Answer briefly."}
+    with pytest.raises(DataConfigError, match="prompt_suffix: applies to question/answer"):
+        load_split(write_mixture(tmp_path, bad))

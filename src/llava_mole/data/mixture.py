@@ -49,7 +49,7 @@ _DATASET_KEYS = (
     "preset",
     "prompt_suffix",
 )
-LLAVA_SUFFIXES = (".json", ".jsonl")
+HF_ONLY_SUFFIXES = (".parquet", ".arrow")
 
 
 @dataclass
@@ -99,8 +99,9 @@ class DatasetSpec:
         """Where `split` comes from: a LLaVA JSON/JSONL file, a Hugging Face source, or None.
 
         A file is read as a Hugging Face dataset when it is a ``.parquet`` / ``.arrow`` file or
-        a folder (``save_to_disk``), or when the entry has ``columns`` or a ``preset``; a file
-        that does not exist is returned as a path (its error names it).
+        a folder (``save_to_disk``), or when the entry has ``columns`` or a ``preset``; any other
+        file is LLaVA JSON / JSONL; a file that does not exist is returned as a path (its error
+        names it).
         """
         if self.hf is not None:
             name = self.train_split if split == "train" else self.test_split
@@ -109,9 +110,9 @@ class DatasetSpec:
         if file is None or not file.exists():
             return file
         mapped = self.columns is not None or self.preset is not None
-        if file.is_dir() or file.suffix.lower() not in LLAVA_SUFFIXES or mapped:
+        if file.is_dir() or file.suffix.lower() in HF_ONLY_SUFFIXES or mapped:
             return HFSource(str(file))
-        return file
+        return file  # any other file is LLaVA JSON (a list) or JSONL, as before
 
 
 @dataclass
@@ -255,7 +256,10 @@ def _dataset_spec(check: _Checker, base: Path, prefix: str, entry: object) -> Da
         folder = _resolve(base, check.string(folder, f"{prefix}.image_folder"))
     preset = hf.get("preset")
     default_metric = PRESETS[preset].metric if preset else "exact_match"
-    plain_json = all(f is None or f.suffix.lower() in LLAVA_SUFFIXES for f in files.values())
+    plain_json = all(
+        f is None or (f.suffix.lower() not in HF_ONLY_SUFFIXES and not f.is_dir())
+        for f in files.values()
+    )
     if "prompt_suffix" in entry and plain_json and "hf" not in hf and hf["columns"] is None:
         raise check.fail(
             f"{prefix}.prompt_suffix", "applies to question/answer columns (hf, columns, preset)"
