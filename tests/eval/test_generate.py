@@ -391,3 +391,20 @@ def test_prompt_is_a_prefix_of_the_teacher_forced_sequence(world) -> None:
     for item in items:
         assert len(item.full) > len(item.prompt)
         assert torch.equal(item.full[: len(item.prompt)], item.prompt)
+
+
+def test_predict_refuses_prompts_longer_than_the_context(tiny_world):
+    from llava_mole.eval.generate import predict
+    from llava_mole.models.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(tiny_world["model"])
+    image = next(Path(tiny_world["data"]).rglob("*.png"))
+    question = "word " * 20_000  # 100,000 characters, far beyond 512 positions
+    with pytest.raises(ValueError, match=r"does not fit the model's context of 512 tokens"):
+        predict(model=model, processor=processor, question=question, max_new_tokens=4)
+    with pytest.raises(ValueError, match="2 <image> placeholders but one image"):
+        predict(model=model, processor=processor, image=image, question="<image> <image> what?")
+    assert isinstance(
+        predict(model=model, processor=processor, image=image, question="what?", max_new_tokens=2),
+        str,
+    )

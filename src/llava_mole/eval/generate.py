@@ -55,7 +55,7 @@ from llava_mole.eval.batching import (
 )
 from llava_mole.eval.decoding import DecodeParams, generate_batch
 from llava_mole.eval.metrics import score_predictions
-from llava_mole.models.loading import load_model_and_processor
+from llava_mole.models.loading import context_length, load_model_and_processor
 
 __all__ = [
     "evaluate",
@@ -587,6 +587,20 @@ def inference_prompt_format(
     return template, system
 
 
+def _check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before generating, a prompt that does not fit the model's context.
+
+    Truncating would silently drop part of the question (or the image tokens), and generating
+    past the position embeddings gives garbage, so the rule is: refuse with the numbers.
+    """
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the prompt has {prompt_tokens} tokens; with max_new_tokens={max_new_tokens} it "
+            f"does not fit the model's context of {limit} tokens (shorten the question)"
+        )
+
+
 def predict(
     model_dir: PathLike | None = None,
     image: PathLike | Image.Image | None = None,
@@ -642,10 +656,19 @@ def predict(
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
     elif IMAGE_PLACEHOLDER in question:
         raise ValueError(f"the question contains {IMAGE_PLACEHOLDER} but no image was given")
+    if question.count(IMAGE_PLACEHOLDER) > 1:
+        raise ValueError(
+            f"the question has {question.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
+            "placeholders but one image was given"
+        )
     model, processor, owned = _acquire(
         model_dir, model, processor, adapter_dir, dtype, device, trust_remote_code
     )
-    prompt = build_prompt_for_generation([(USER, question)], processor, template, system)
+    try:
+        prompt = build_prompt_for_generation([(USER, question)], processor, template, system)
+    except EncodeError as err:
+        raise ValueError(f"cannot build the prompt: {err}") from None
+    _check_context(model, len(prompt), max_new_tokens)
     with _inference(model, owned):
         (answer,) = generate_answers(
             model,

@@ -75,3 +75,11 @@ def load_model_and_processor(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"{path}: could not load the model or processor ({first})") from None
     return model, processor
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The model's context in tokens (the text model's ``max_position_embeddings``)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from llava_mole.eval.generate import inference_prompt_format, loaded_for_inference
+from llava_mole.models.loading import context_length
 
 __all__ = ["FAULT_ENV", "ServeOptions", "context_length", "serve"]
 
@@ -41,14 +40,6 @@ class ServeOptions:
     dtype: str = "float32"
     device: str | None = None
     log_level: str = "info"
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The model's context in tokens (the text model's ``max_position_embeddings``)."""
-    config = getattr(model, "config", None)
-    text = getattr(config, "text_config", None) or config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _check(options: ServeOptions) -> None:
