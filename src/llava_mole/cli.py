@@ -484,6 +484,13 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+def _listing_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is a short bounded list (strict mode's first bad samples)."""
+    from .data.formats import DataError
+
+    return (DataError,)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters.inject import AdapterError
     from .data.formats import DataError
@@ -528,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(err, _user_errors()) or isinstance(err, OSError):
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if isinstance(err, _listing_errors()):
+                message = str(err).strip()  # the bad samples' list is the point of strict mode
             print(f"llava-mole {args.command}: error: {message}", file=sys.stderr)
             print("  (run with --debug for the full traceback)", file=sys.stderr)
             return 2

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..paths import not_found_or
+
 if TYPE_CHECKING:
     from .images import EmbeddedImage
 
@@ -174,7 +176,10 @@ class LoadReport:
         listed = "\n".join(f"  {p}" for p in self.problems[:max_listed])
         more = len(self.problems) - max_listed
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise DataError(f"{len(self.problems)} bad samples (strict mode):\n{listed}{tail}")
+        raise DataError(
+            f"{len(self.problems)} bad samples (strict mode; strict: false skips and counts "
+            f"them):\n{listed}{tail}"
+        )
 
 
 def format_problem(source: str, index: int, sample_id: object, skip: Skip) -> str:
@@ -339,7 +344,7 @@ def resolve_image_path(
     except (OSError, ValueError):  # e.g. name too long
         exists = False
     if not exists:
-        return Skip(MISSING_IMAGE, f"image file not found: {image}")
+        return Skip(MISSING_IMAGE, not_found_or(image, "file", f"image file not found: {image}"))
     if check_image is not None:
         problem = check_image(image)
         if problem is not None:
@@ -413,8 +418,9 @@ def iter_records(path: Path) -> Iterator[tuple[int, object]]:
     """
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"dataset file not found: {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        missing = f"dataset file not found: {path}"
+        raise DataError(not_found_or(path, "file", missing)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read dataset file {path}: {e}") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from ..eval.metrics import ALL_METRICS, METRICS
+from ..paths import not_found_or, path_problem
 from .collate import InstructDataset
 from .convert import PRESETS
 from .formats import DataConfigError, LoadReport, Sample, load_llava_file
@@ -299,8 +301,9 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     check = _Checker(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataConfigError(f"mixture file not found: {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        missing = f"mixture file not found: {path}"
+        raise DataConfigError(not_found_or(path, "file", missing)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataConfigError(f"cannot read mixture file {path}: {e}") from None
     try:
@@ -427,6 +430,18 @@ def _load_hf_entry(
         raise DataConfigError(f"{where}: {e}") from None
 
 
+def _note_duplicate_ids(samples: Sequence[Sample], where: str, report: LoadReport) -> None:
+    """Two samples with one id are both kept (ids are labels, not keys) but said once."""
+    seen: Counter[str] = Counter(s.id for s in samples)
+    repeated = [i for i, n in seen.items() if n > 1]
+    if repeated:
+        extra = sum(seen[i] - 1 for i in repeated)
+        report.warnings.append(
+            f"{where}: {extra} samples repeat another sample's id (first: {repeated[0]!r}); "
+            "both are kept, and predictions files list them by position"
+        )
+
+
 def load_split(
     mixture: str | os.PathLike[str] | MixtureConfig,
     split: str = "train",
@@ -476,12 +491,16 @@ def load_split(
         source = spec.source(split)
         if source is None:
             continue
-        if isinstance(source, Path) and not source.is_file():
-            raise DataConfigError(f"{cfg.path}: datasets[{i}].{split}: file not found: {source}")
-        folder = spec.image_folder
-        if folder is not None and not folder.is_dir():
+        if isinstance(source, Path) and path_problem(source, "file"):
+            missing = f"file not found: {source}"
             raise DataConfigError(
-                f"{cfg.path}: datasets[{i}].image_folder: folder not found: {folder}"
+                f"{cfg.path}: datasets[{i}].{split}: {not_found_or(source, 'file', missing)}"
+            )
+        folder = spec.image_folder
+        if folder is not None and path_problem(folder, "folder"):
+            missing = f"folder not found: {folder}"
+            raise DataConfigError(
+                f"{cfg.path}: datasets[{i}].image_folder: {not_found_or(folder, 'folder', missing)}"
             )
         if isinstance(source, HFSource):
             valid = _load_hf_entry(
@@ -501,6 +520,7 @@ def load_split(
                 check_image=check,
                 report=report,
             )
+        _note_duplicate_ids(valid, f"datasets[{i}] ({spec.name})", report)
         take = spec.take if split == "train" else spec.test_take
         repeat = spec.repeat if split == "train" else 1
         if take != "all" and not isinstance(take, float) and take > len(valid):

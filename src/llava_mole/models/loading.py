@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..paths import path_problem
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,10 +20,13 @@ class ModelLoadError(ValueError):
 def check_model_dir(path: str | Path) -> dict[str, Any]:
     """Return the directory's ``config.json`` or raise :class:`ModelLoadError`."""
     path = Path(path)
-    if not path.is_dir():
+    problem = path_problem(path, "folder")
+    if problem == "not found":
         raise ModelLoadError(
             f"model directory not found: {path} (for the built-in tiny model run `llava-mole make-tiny`)"
         )
+    if problem:
+        raise ModelLoadError(f"model directory {path}: {problem}")
     config = path / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")

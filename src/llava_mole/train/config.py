@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ..adapters.config import MoLEConfig
+from ..paths import not_found_or, path_problem
 
 
 class ConfigError(ValueError):
@@ -380,8 +381,9 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        if path_problem(path, "file"):
+            missing = f"config file not found: {path}"
+            raise ConfigError(not_found_or(path, "file", missing))
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

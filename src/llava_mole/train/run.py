@@ -32,6 +32,7 @@ from ..data.collate import DataCollator, ModalityLengthGroupedSampler
 from ..data.mixture import build_datasets, load_mixture
 from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
+from ..paths import not_found_or, path_problem
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
 from .checkpoints import (
     TRAINER_STATE,
@@ -138,10 +139,9 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
         config = load_train_config(config, overrides)
     elif overrides:
         raise ValueError("overrides are only applied to a config path")
-    if not Path(config.data.mixture).is_file():
-        raise ConfigError(
-            f"data.mixture: file not found: {config.data.mixture} (run `llava-mole make-data`?)"
-        )
+    if path_problem(config.data.mixture, "file"):
+        missing = f"file not found: {config.data.mixture} (run `llava-mole make-data`?)"
+        raise ConfigError(f"data.mixture: {not_found_or(config.data.mixture, 'file', missing)}")
     with run_lock(config.output_dir):
         return _train_locked(config)
 
