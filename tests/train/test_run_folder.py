@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,7 +16,12 @@ import pytest
 from safetensors.torch import load_file
 
 from llava_mole.cli import main
-from llava_mole.train.checkpoints import checkpoint_problem, pick_checkpoint
+from llava_mole.train.checkpoints import (
+    checkpoint_problem,
+    is_write_failure,
+    pick_checkpoint,
+    write_failure,
+)
 from llava_mole.train.config import ConfigError, load_train_config
 from llava_mole.train.lock import LOCK_NAME, RunLockedError, run_lock
 from llava_mole.train.run import train
@@ -119,13 +125,35 @@ def test_a_finished_run_is_recognised_and_left_unchanged(tiny_world, tmp_path, c
     assert "continuing" in capsys.readouterr().out
 
 
-def test_a_moved_run_folder_is_the_same_run(tiny_world, tmp_path):
+def test_a_moved_run_folder_is_the_same_run(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
     assert not _run(tiny_world, out, save_steps=2, stop_after_steps=2).completed
     moved = tmp_path / "moved"
     shutil.move(out, moved)
     result = _run(tiny_world, moved, save_steps=2)
     assert result.completed and result.summary["resumed_from"].endswith("checkpoint-2")
+    assert f"resuming {moved} from checkpoint-2 (step 2 of 6)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        OSError(errno.EROFS, "Read-only file system"),
+        OSError(errno.EIO, "Input/output error"),
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 239744 vs 239636"),
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+        Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        ),
+    ],
+)
+def test_write_failures_are_recognised_in_every_wrapping(tmp_path, err):
+    assert is_write_failure(err)
+    message = str(write_failure(err, tmp_path, 3 << 20))
+    assert str(tmp_path) in message and "MiB free" in message and "3.0 MiB needed" in message
+    assert not is_write_failure(RuntimeError("shape mismatch"))
 
 
 @pytest.fixture(scope="module")
