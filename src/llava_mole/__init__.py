@@ -4,10 +4,12 @@ from .adapters import (
     MoLEConfig,
     apply_mole,
     load_adapter,
+    merge_and_save,
     merge_lora,
     mole_aux_loss,
     routing_stats,
     save_adapter,
+    unload,
     unmerge_lora,
 )
 
@@ -16,9 +18,11 @@ __all__ = [
     "MoLEConfig",
     "apply_mole",
     "load_adapter",
+    "merge_and_save",
     "merge_lora",
     "mole_aux_loss",
     "routing_stats",
     "save_adapter",
+    "unload",
     "unmerge_lora",
 ]
