@@ -1,8 +1,9 @@
 """Put MoLE (or the plain-LoRA baseline) into a Hugging Face model, in place.
 
 Targets are found by module path, never by bare name: ``q_proj`` also exists in CLIP, so only
-the language model's tree is searched (``model.language_model`` of a transformers-5 LLaVA,
-``model`` of a LLaMA-family causal LM) and any path through a vision tower is refused.
+the language model's tree is searched (where each family keeps it: see
+:mod:`llava_mole.models.families` and :mod:`.targets`) and any path through a vision tower is
+refused. Mixture-of-experts and non-SwiGLU language models are refused with one line.
 """
 
 from __future__ import annotations
@@ -12,19 +13,32 @@ from typing import Any
 
 from torch import nn
 
+from ..models.families import GENERIC_PROJECTOR_NAME
 from .config import MoLEConfig
+from .errors import AdapterError
 from .lora import LoRALinear
 from .mole import MoLEMLP
 from .state import STATE_ATTR, MoLEState
+from .targets import Targets, find_targets, is_swiglu_mlp, swiglu_mlps, train_projector
+
+__all__ = [
+    "ADAPTER_ATTR",
+    "PROJECTOR_NAME",
+    "AdapterError",
+    "AdapterInfo",
+    "adapter_info",
+    "apply_mole",
+    "count_trainable",
+    "merge_lora",
+    "merge_mole",
+    "unload",
+    "unmerge_lora",
+    "unwrap",
+]
 
 ADAPTER_ATTR = "_mole_adapter"
-_TREE_CANDIDATES = ("model.language_model", "language_model", "model.model", "model")
-_VISION_WORDS = ("vision_tower", "vision_model", "visual")
-PROJECTOR_NAME = "multi_modal_projector"
-
-
-class AdapterError(ValueError):
-    """A model, adapter file or adapter config that does not fit; the message says what."""
+#: The LLaVA-style projector's module name (other families: ``AdapterInfo.projector``).
+PROJECTOR_NAME = GENERIC_PROJECTOR_NAME
 
 
 @dataclass
@@ -35,6 +49,10 @@ class AdapterInfo:
     target_tree: str
     trainable: list[str] = field(default_factory=list)
     state: MoLEState | None = None
+    # The family's name (``None``: a model type outside the registry) and the parameter names
+    # of the projector / connector / merger that ``train_projector`` trains.
+    family: str | None = None
+    projector: list[str] = field(default_factory=list)
     # requires_grad of every parameter before injection, restored by ``unload``.
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     hooks: list[Any] = field(default_factory=list, repr=False)
@@ -57,47 +75,6 @@ def adapter_info(model: nn.Module) -> AdapterInfo | None:
     return unwrap(model).__dict__.get(ADAPTER_ATTR)
 
 
-def _is_vision(path: str) -> bool:
-    return any(word in path.split(".") for word in _VISION_WORDS)
-
-
-def _find_tree(model: nn.Module, config: MoLEConfig) -> tuple[str, nn.Module]:
-    if config.target_tree is not None:
-        try:
-            tree = model.get_submodule(config.target_tree)
-        except AttributeError:
-            raise AdapterError(
-                f"MoLEConfig.target_tree: the model has no module {config.target_tree!r}"
-            ) from None
-        if _is_vision(config.target_tree):
-            raise AdapterError("MoLEConfig.target_tree: vision towers are never adapted")
-        return config.target_tree, tree
-    for path in _TREE_CANDIDATES:
-        try:
-            tree = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if hasattr(tree, "layers"):
-            return path, tree
-    if hasattr(model, "layers"):
-        return "", model
-    raise AdapterError(
-        f"{type(model).__name__}: no language model found (looked for {list(_TREE_CANDIDATES)} "
-        "with a 'layers' list); set MoLEConfig.target_tree"
-    )
-
-
-def _is_swiglu_mlp(module: nn.Module) -> bool:
-    return all(
-        isinstance(getattr(module, n, None), nn.Linear)
-        for n in ("gate_proj", "up_proj", "down_proj")
-    ) and hasattr(module, "act_fn")
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     """Adapt ``model`` in place and freeze everything but the adapter (and projector).
 
@@ -106,78 +83,50 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     ``mode="lora"``: plain LoRA on ``attn_targets`` and on every ``mlp_targets`` linear.
 
     Args:
-        model: a transformers-5 ``LlavaForConditionalGeneration`` or a LLaMA-family causal LM
-            (Llama, Mistral, Qwen2: SwiGLU MLPs with ``gate_proj``/``up_proj``/``down_proj``).
+        model: a model of one of the families of :mod:`llava_mole.models.families` (LLaVA-1.5,
+            LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, PaliGemma,
+            Idefics3, SmolVLM, Mllama, Llama/Mistral/Qwen2/Qwen3 causal LMs) or another model
+            whose dense SwiGLU language model is found by name (a note says so).
         config: the adapter settings.
 
     Returns:
         The same ``model``.
 
     Raises:
-        AdapterError: the model is already adapted, or has no matching modules.
+        AdapterError: the model is already adapted, is not supported (no language model found,
+            a mixture-of-experts or non-SwiGLU language model), or has no matching modules.
     """
     if not isinstance(config, MoLEConfig):
         raise AdapterError(f"apply_mole: config must be a MoLEConfig, got {type(config).__name__}")
     if adapter_info(model) is not None:
         raise AdapterError("apply_mole: this model already has an adapter")
-    tree_path, tree = _find_tree(model, config)
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-
-    mlps = [
-        (name, mod)
-        for name, mod in tree.named_modules()
-        if _is_swiglu_mlp(mod) and not _is_vision(_join(tree_path, name))
-    ]
+    targets = find_targets(model, config)  # refuses before anything is changed
+    mlps = swiglu_mlps(targets)
     if config.mode == "mole" and not mlps:
         raise AdapterError(
             f"{type(model).__name__}: no SwiGLU MLP blocks (gate_proj/up_proj/down_proj) under "
-            f"{tree_path or 'the model'!r}; MoLE needs a LLaMA-family language model"
+            f"{targets.tree_path or 'the model'!r}; MoLE needs a LLaMA-family language model"
         )
+    _check_attention(model, targets, config)
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+
     image_token_id = getattr(getattr(model, "config", None), "image_token_id", None)
     use_router = config.mode == "mole" and config.num_experts > 1
     state = MoLEState(config, len(mlps), image_token_id) if use_router else None
-
-    # MLPs first: MoLE replaces the whole block; the baseline wraps each MLP linear.
-    for index, (name, mlp) in enumerate(mlps):
-        if config.mode == "mole":
-            parent_name, _, child = name.rpartition(".")
-            tree.get_submodule(parent_name).__setattr__(child, MoLEMLP(mlp, config, index, state))
-        else:
-            for target in config.mlp_targets:
-                if isinstance(getattr(mlp, target, None), nn.Linear):
-                    rank = config.mlp_lora_rank
-                    alpha = config.scaling * rank  # the attention LoRA's scale, whatever the rank
-                    base = getattr(mlp, target)
-                    setattr(mlp, target, LoRALinear(base, rank, alpha, config.dropout))
-
-    wrapped = {target: 0 for target in config.attn_targets}
-    for name, module in list(tree.named_modules()):
-        if _is_vision(_join(tree_path, name)) or isinstance(module, (MoLEMLP, LoRALinear)):
-            continue
-        for target in config.attn_targets:
-            child = getattr(module, target, None)
-            if isinstance(child, nn.Linear) and not _is_swiglu_mlp(module):
-                setattr(
-                    module, target, LoRALinear(child, config.rank, config.alpha, config.dropout)
-                )
-                wrapped[target] += 1
-    missing = [target for target, count in wrapped.items() if count == 0]
-    if missing:
-        raise AdapterError(
-            f"{type(model).__name__}: no attention projection named {missing[0]!r} under "
-            f"{tree_path or 'the model'!r} (attn_targets: {list(config.attn_targets)})"
-        )
-
-    if config.train_projector:
-        for name, module in model.named_modules():
-            if name.split(".")[-1] == PROJECTOR_NAME:
-                module.requires_grad_(True)
+    _adapt_mlps(targets.tree, mlps, config, state)
+    _adapt_attention(targets, config)
+    projector = train_projector(model, targets) if config.train_projector else []
 
     # New modules are created in training mode; give them the model's mode (eval stays eval).
     model.train(model.training)
     info = AdapterInfo(
-        config=config, target_tree=tree_path, state=state, requires_grad=requires_grad
+        config=config,
+        target_tree=targets.tree_path,
+        state=state,
+        family=targets.family.name if targets.family else None,
+        projector=projector,
+        requires_grad=requires_grad,
     )
     info.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if state is not None:
@@ -187,6 +136,54 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     model.__dict__[ADAPTER_ATTR] = info
     model.__dict__[STATE_ATTR] = state
     return model
+
+
+def _adapt_mlps(
+    tree: nn.Module, mlps: list[tuple[str, nn.Module]], config: MoLEConfig, state: MoLEState | None
+) -> None:
+    """MoLE replaces each whole MLP block; the baseline wraps each MLP linear in LoRA."""
+    for index, (name, mlp) in enumerate(mlps):
+        if config.mode == "mole":
+            parent_name, _, child = name.rpartition(".")
+            tree.get_submodule(parent_name).__setattr__(child, MoLEMLP(mlp, config, index, state))
+            continue
+        for target in config.mlp_targets:
+            if isinstance(getattr(mlp, target, None), nn.Linear):
+                rank = config.mlp_lora_rank
+                alpha = config.scaling * rank  # the attention LoRA's scale, whatever the rank
+                base = getattr(mlp, target)
+                setattr(mlp, target, LoRALinear(base, rank, alpha, config.dropout))
+
+
+def _attention_sites(targets: Targets, config: MoLEConfig) -> list[tuple[nn.Module, str]]:
+    """``(module, attribute)`` of every attention projection to wrap (MLPs and vision aside)."""
+    sites = []
+    for name, module in targets.tree.named_modules():
+        path = ".".join(p for p in (targets.tree_path, name) if p)
+        if targets.is_vision(path) or isinstance(module, (MoLEMLP, LoRALinear)):
+            continue
+        if is_swiglu_mlp(module):
+            continue  # an MLP block: its linears are the MLP targets' business
+        for target in config.attn_targets:
+            if isinstance(getattr(module, target, None), nn.Linear):
+                sites.append((module, target))
+    return sites
+
+
+def _check_attention(model: nn.Module, targets: Targets, config: MoLEConfig) -> None:
+    found = {target for _, target in _attention_sites(targets, config)}
+    missing = [target for target in config.attn_targets if target not in found]
+    if missing:
+        raise AdapterError(
+            f"{type(model).__name__}: no attention projection named {missing[0]!r} under "
+            f"{targets.tree_path or 'the model'!r} (attn_targets: {list(config.attn_targets)})"
+        )
+
+
+def _adapt_attention(targets: Targets, config: MoLEConfig) -> None:
+    for module, target in _attention_sites(targets, config):
+        child = getattr(module, target)
+        setattr(module, target, LoRALinear(child, config.rank, config.alpha, config.dropout))
 
 
 def _begin_forward_hook(state: MoLEState):
