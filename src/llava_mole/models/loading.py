@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..paths import path_problem
+
+logger = logging.getLogger("llava_mole")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,12 +56,7 @@ def load_model_and_processor(
     Returns:
         ``(model, processor)``; for a text-only LM the "processor" is its tokenizer.
     """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     config = check_model_dir(path)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
@@ -68,18 +66,68 @@ def load_model_and_processor(
     try:
         if multimodal:
             model = AutoModelForImageTextToText.from_pretrained(str(path), **kwargs)
-            processor = AutoProcessor.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code
-            )
+            processor = load_processor(path, config.get("model_type"), trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
             processor = AutoTokenizer.from_pretrained(
                 str(path), trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"{path}: could not load the model or processor ({first})") from None
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        if isinstance(err, ModelLoadError):
+            raise
+        raise ModelLoadError(
+            f"{path}: could not load the model or processor ({_first_line(err)})"
+        ) from None
     return model, processor
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def load_processor(path: str | Path, model_type: str | None, trust_remote_code: bool = False):
+    """The checkpoint's processor; its image-only form where the video part needs torchvision.
+
+    Video processors (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, SmolVLM) import
+    torchvision, which image-only fine-tuning does not need: without it (or without a video
+    processor config) the processor is built without its video processor (a note says so). Any other missing package is named in one
+    line with what to install (e.g. SmolVLM's ``num2words``).
+
+    Raises:
+        ModelLoadError: the processor cannot be built.
+    """
+    from transformers import AutoProcessor
+
+    from .processors import load_image_only_processor, video_part_failed
+
+    try:
+        return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ImportError, OSError, ValueError) as err:
+        if not video_part_failed(err):
+            raise ModelLoadError(
+                f"{path}: could not load the processor ({_first_line(err)})"
+            ) from None
+        first = _first_line(err).split(". ")[0].rstrip(".")
+    try:
+        processor = load_image_only_processor(path, model_type, trust_remote_code)
+    except (ImportError, OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(
+            f"{path}: could not load the processor, even without its video processor "
+            f"({_first_line(err)})"
+        ) from None
+    if processor is None:
+        hint = ""
+        if "torchvision" in first.lower():
+            hint = "; install the torchvision build matching your torch (`pip install torchvision`)"
+        raise ModelLoadError(f"{path}: could not load the processor ({first}){hint}")
+    logger.warning(
+        "note: %s: %s is built without its video processor (images and text only): %s",
+        path,
+        type(processor).__name__,
+        first,
+    )
+    return processor
 
 
 def context_length(model: torch.nn.Module) -> int | None:
