@@ -114,3 +114,24 @@ def test_family(key: str, adapter: str, tmp_path) -> None:
     save_adapter(model, tmp_path / "adapter")
     fresh = load_adapter(zoo.build(spec), tmp_path / "adapter")
     assert torch.equal(logits(fresh, batch), trained), "round trip must be bit-exact"
+
+
+@pytest.mark.parametrize("key", ["qwen2_vl", "qwen3_vl", "idefics3", "gemma3", "mllama"])
+def test_export_peft_keeps_each_family_projector(key: str, tmp_path) -> None:
+    """A plain-LoRA adapter exported to PEFT gives the same logits, projector included."""
+    peft = pytest.importorskip("peft")
+    from llava_mole.adapters.peft_export import export_peft
+
+    spec = zoo.BY_KEY[key]
+    model = apply_mole(zoo.build(spec), config("lora"))
+    randomize_adapter(model)
+    _, projector = parts(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in projector:
+                param.add_(0.1)  # as if trained: the export must carry it
+    save_adapter(model, tmp_path / "ad")
+    export_peft(tmp_path / "ad", tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(zoo.build(spec), str(tmp_path / "peft")).eval()
+    batch = inputs(spec)
+    assert (logits(theirs, batch) - logits(model, batch)).abs().max().item() <= 1e-5

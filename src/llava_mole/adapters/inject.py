@@ -19,7 +19,14 @@ from .errors import AdapterError
 from .lora import LoRALinear
 from .mole import MoLEMLP
 from .state import STATE_ATTR, MoLEState
-from .targets import Targets, find_targets, is_swiglu_mlp, swiglu_mlps, train_projector
+from .targets import (
+    Targets,
+    find_targets,
+    is_swiglu_mlp,
+    projector_modules,
+    swiglu_mlps,
+    train_projector,
+)
 
 __all__ = [
     "ADAPTER_ATTR",
@@ -49,10 +56,11 @@ class AdapterInfo:
     target_tree: str
     trainable: list[str] = field(default_factory=list)
     state: MoLEState | None = None
-    # The family's name (``None``: a model type outside the registry) and the parameter names
-    # of the projector / connector / merger that ``train_projector`` trains.
+    # The family's name (``None``: a model type outside the registry), the parameter names of
+    # the projector / connector / merger that ``train_projector`` trains, and its module paths.
     family: str | None = None
     projector: list[str] = field(default_factory=list)
+    projector_modules: list[str] = field(default_factory=list)
     # requires_grad of every parameter before injection, restored by ``unload``.
     requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     hooks: list[Any] = field(default_factory=list, repr=False)
@@ -126,6 +134,7 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
         state=state,
         family=targets.family.name if targets.family else None,
         projector=projector,
+        projector_modules=projector_modules(model, projector, targets),
         requires_grad=requires_grad,
     )
     info.trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -137,13 +137,20 @@ def _base_model_summary(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    extra: dict | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the adapter of ``model`` to ``directory`` (created if needed).
 
     Args:
         model: a model adapted with :func:`apply_mole` (DDP-wrapped is fine).
         directory: output folder.
         extra: optional JSON-ready metadata stored in the config under ``"extra"``.
+        tensors: the trained tensors in full, when the model's own are sharded (DeepSpeed
+            ZeRO-3, FSDP2: gathered by the trainer); by default read from the model.
 
     Returns:
         The directory path.
@@ -153,7 +160,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
         raise AdapterError("save_adapter: the model has no llava-mole adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model)
+    if tensors is None:
+        tensors = adapter_state_dict(model)
+    elif sorted(tensors) != sorted(info.trainable):
+        raise AdapterError("save_adapter: the tensors given are not the adapter's trained tensors")
     atomic_save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"format": FORMAT})
     payload = {
         "format": FORMAT,
@@ -161,6 +171,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, extra: dict | N
         "peft_type": PEFT_TYPE_MARKER,
         "mole": info.config.to_dict(),
         "target_tree": info.target_tree,
+        "projector_modules": info.projector_modules,
         "base_model": _base_model_summary(unwrap(model)),
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),
@@ -298,5 +309,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     with torch.no_grad():
         for name in info.trainable:
-            params[name].copy_(tensors[name].to(params[name].dtype))
+            _copy_into(params[name], tensors[name])
     return model
+
+
+def _copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)``; an FSDP2-sharded parameter takes its own shard of ``value``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(param.dtype)
+    if isinstance(param, DTensor):
+        # Every rank read the same file: each keeps its shard, no communication.
+        value = distribute_tensor(
+            value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+        )
+    param.copy_(value)

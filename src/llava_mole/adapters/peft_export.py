@@ -28,6 +28,16 @@ def _split_expert_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _projector_root(key: str, projector_modules: list[str]) -> str | None:
+    """The projector module a trained tensor belongs to (``None``: not a projector tensor)."""
+    for root in projector_modules:
+        if key.startswith(root + "."):
+            return root
+    if not projector_modules and PROJECTOR_NAME in key.split("."):
+        return PROJECTOR_NAME
+    return None
+
+
 def _patterns(ranks: dict[str, int], rank: int, scaling: float) -> dict[str, dict]:
     """PEFT's per-module ``rank_pattern`` / ``alpha_pattern`` for modules whose rank differs.
 
@@ -66,7 +76,9 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
     out: dict[str, torch.Tensor] = {}
     targets: list[str] = []
     ranks: dict[str, int] = {}
-    projector_trained = False
+    # Adapters saved before ``projector_modules`` existed are LLaVA-1.5 style.
+    projector_modules = payload.get("projector_modules") or []
+    trained_projector: set[str] = set()
     for key, value in tensors.items():
         if key.endswith(".lora_A") or key.endswith(".lora_B"):
             module, kind = key[:-7], key[-1]
@@ -83,9 +95,11 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
                 targets.append(f"{mlp}.{proj}")
                 ranks[f"{mlp}.{proj}"] = value.shape[1]
             continue
-        if PROJECTOR_NAME in key.split("."):
+        root = _projector_root(key, projector_modules)
+        if root is not None:
             out[f"{_PEFT_PREFIX}{key}"] = value.contiguous()
-            projector_trained = True
+            # PEFT matches modules_to_save as a suffix of the module name.
+            trained_projector.add(root.removeprefix("model."))
             continue
         raise AdapterError(f"{adapter_dir}: tensor {key!r} has no PEFT LoRA equivalent")
     peft_config = {
@@ -96,7 +110,7 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         "lora_dropout": config.dropout,
         "target_modules": sorted(targets),
         **_patterns(ranks, config.rank, config.scaling),
-        "modules_to_save": [PROJECTOR_NAME] if projector_trained else None,
+        "modules_to_save": sorted(trained_projector) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -200,5 +200,27 @@ def train_projector(model: nn.Module, targets: Targets) -> list[str]:
     return names
 
 
+def projector_modules(model: nn.Module, names: list[str], targets: Targets) -> list[str]:
+    """The module paths holding the trained projector parameter ``names``.
+
+    Containers (Qwen3-VL's ``deepstack_merger_list``) are listed by their children, so that
+    each path is a module PEFT's ``modules_to_save`` can wrap.
+    """
+    paths: list[str] = []
+    for root in targets.projector:
+        if not any(under(n, [root]) for n in names):
+            continue
+        try:
+            module = model.get_submodule(root)
+        except AttributeError:  # a bare parameter
+            paths.append(root)
+            continue
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            paths += [f"{root}.{child}" for child, _ in module.named_children()]
+        else:
+            paths.append(root)
+    return paths
+
+
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
