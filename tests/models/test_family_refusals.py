@@ -34,6 +34,16 @@ def _qwen3_moe() -> tf.Qwen3MoeConfig:
     return zoo.text(tf.Qwen3MoeConfig, head_dim=8, **_MOE)
 
 
+def _qwen3_vl_moe() -> nn.Module:
+    text = dict(
+        _qwen3_moe().to_dict(), rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}
+    )
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32)
+    vision.update(patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    config = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    return tf.Qwen3VLMoeForConditionalGeneration(config)
+
+
 def _llava(text_config) -> nn.Module:
     config = tf.LlavaConfig(text_config=text_config, vision_config=zoo.clip())
     return tf.LlavaForConditionalGeneration(config)
@@ -45,6 +55,8 @@ MOE = {
     "Qwen3-MoE": (lambda: tf.Qwen3MoeForCausalLM(_qwen3_moe()), "Qwen3MoeForCausalLM"),
     "LLaVA-Mixtral": (lambda: _llava(_mixtral()), "LlavaForConditionalGeneration"),
     "LLaVA-Qwen2-MoE": (lambda: _llava(_qwen2_moe()), "LlavaForConditionalGeneration"),
+    "LLaVA-Qwen3-MoE": (lambda: _llava(_qwen3_moe()), "LlavaForConditionalGeneration"),
+    "Qwen3-VL-MoE": (_qwen3_vl_moe, "Qwen3VLMoeForConditionalGeneration"),
 }
 NOT_SWIGLU = {
     "GPT-2": (
