@@ -50,10 +50,12 @@ class MoLEConfig:
             over blocks) or ``"official"`` (the release's per-sample pooled form).
         attn_targets: attention projections that get plain LoRA.
         mlp_targets: MLP projections that get LoRA experts (SwiGLU gate/up/down).
-        target_tree: dotted path of the module tree to adapt; ``None`` picks the language model
-            (``model.language_model`` of a LLaVA, ``model`` of a causal LM). Vision towers are
-            never adapted.
-        train_projector: train the multimodal projector fully (LLaVA's instruction tuning does).
+        target_tree: dotted path of the module tree to adapt; ``None`` picks the family's
+            language model (``model.language_model`` of a LLaVA, ``model.text_model`` of an
+            Idefics3, ``model`` of a causal LM: ``llava_mole.models.families``). Vision towers
+            are never adapted.
+        train_projector: train the family's projector / connector / merger fully (LLaVA's
+            instruction tuning does); a warning says so where a model has none.
         dispatch: how tokens reach their experts (see ``adapters.dispatch``); ``"auto"`` picks.
         router: ``"linear"`` (the paper's learned router) or ``"domain"``: every token goes to
             the expert of its sample's domain (``router_domains[i]`` -> expert ``i``), a
