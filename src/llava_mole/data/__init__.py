@@ -27,7 +27,7 @@ from .formats import (
     load_llava_file,
     validate_record,
 )
-from .hf import HFSource, load_hf_samples, open_hf_split, resolve_columns
+from .hf import HFRows, HFSource, load_hf_samples, open_hf_split, resolve_columns, scan_hf_rows
 from .images import (
     EmbeddedImage,
     ImageLoadError,
@@ -44,6 +44,7 @@ from .mixture import (
     load_mixture,
     load_split,
 )
+from .selection import SampleView
 from .templates import (
     IGNORE_INDEX,
     TEMPLATES,
@@ -74,6 +75,7 @@ __all__ = [
     "EncodeError",
     "EmbeddedImage",
     "EncodedConversation",
+    "HFRows",
     "HFSource",
     "ImageLoadError",
     "InstructDataset",
@@ -81,6 +83,7 @@ __all__ = [
     "MixtureConfig",
     "ModalityLengthGroupedSampler",
     "Sample",
+    "SampleView",
     "Skip",
     "build_datasets",
     "build_prompt_for_generation",
@@ -97,6 +100,7 @@ __all__ = [
     "open_hf_split",
     "pixel_values",
     "resolve_columns",
+    "scan_hf_rows",
     "to_rgb",
     "validate_record",
     "write_mixture",

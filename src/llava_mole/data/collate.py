@@ -1,8 +1,13 @@
-"""Torch dataset, batch collator and modality/length-grouped sampler.
+"""Torch dataset and batch collator (the sampler lives in `llava_mole.data.sampler`).
 
-Text is tokenized once, when the dataset is built (cheap, and it gives every item's length to
-the sampler and lets truncation drops be counted up front). Images are opened lazily in
-``__getitem__``.
+Text is tokenized when the dataset is built: that gives every item's length to the sampler
+and lets truncation drops be counted up front. A small in-memory dataset keeps the token ids;
+a lazily read one (a `SampleView` of Hugging Face rows, see `llava_mole.data.selection`) or a
+list of more than `LAZY_MIN_ITEMS` samples keeps only small integer arrays -- per item its
+position in the samples, token length, modality and domain id, about 17 bytes -- and tokenizes
+the item again in ``__getitem__`` (the same ids: the encoder is deterministic). Items, their
+order, the drops and the report do not depend on the mode. Images are opened lazily in
+``__getitem__`` in both modes.
 
 Image failures at training time: files are checked when the data is loaded, but a file can
 still fail later (changed on disk, or a truncated JPEG that passed ``verify``). ``__getitem__``
@@ -19,13 +24,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from .formats import LoadReport, Sample, Skip, check_turns
 from .images import (
@@ -38,17 +43,41 @@ from .images import (
     pixel_values,
     processor_input_size,
 )
+from .sampler import ModalityLengthGroupedSampler, modality_length_grouped_indices
+from .selection import SampleView
 from .templates import IGNORE_INDEX, ConversationEncoder, EncodeError, TemplateName
+
+__all__ = [
+    "LAZY_MIN_ITEMS",
+    "DataCollator",
+    "InstructDataset",
+    "ModalityLengthGroupedSampler",
+    "modality_length_grouped_indices",
+]
 
 logger = logging.getLogger(__name__)
 
+LAZY_MIN_ITEMS = 50_000
+"""A plain list of more samples than this is encoded lazily (no token ids kept)."""
 
-@dataclass
-class _Item:
-    sample: Sample
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    domain_id: int
+_Encoded = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Index:
+    """Per-item arrays of one pass over the samples (dropped samples: length -1)."""
+
+    def __init__(self, n: int, keep_tensors: bool) -> None:
+        self.lengths = np.full(n, -1, dtype=np.int32)
+        self.has_image = np.zeros(n, dtype=bool)
+        self.domain_ids = np.zeros(n, dtype=np.int32)
+        self.encoded: list[_Encoded | None] | None = [None] * n if keep_tensors else None
+
+    def kept(self, offset: int, where: list, *arrays: list) -> None:
+        """Appends the kept items (positions shifted by `offset`) to the output lists."""
+        keep = self.lengths >= 0
+        where.append(np.flatnonzero(keep) + offset)
+        for out, array in zip(arrays, (self.lengths, self.has_image, self.domain_ids)):
+            out.append(array[keep])
 
 
 class InstructDataset(Dataset):
@@ -58,11 +87,13 @@ class InstructDataset(Dataset):
     (``(3, H, W)`` float tensor; only for samples with an image) and ``domain_id`` (int).
 
     Samples that cannot be encoded (e.g. no answer token left after truncation, image tokens
-    cut by truncation, malformed turns) are dropped and counted in `report`.
+    cut by truncation, malformed turns) are dropped and counted in `report`, in both modes.
 
     Args:
         samples: Validated samples (repeats allowed: each occurrence becomes an item; the
-            tokenization is shared and a dropped sample is counted once).
+            tokenization is shared and a dropped sample is counted once): a list, or the
+            `SampleView` of `llava_mole.data.mixture.load_split` (a part repeated N times is
+            encoded once).
         processor: The model's processor (tokenizer + image processor).
         template: ``vicuna_v1`` or ``chat_template``.
         max_length: Truncation length in tokens.
@@ -75,6 +106,8 @@ class InstructDataset(Dataset):
         pixel_cache_bytes: Keep processed images in memory up to this many bytes (per
             process), so that small datasets seen for several epochs skip decoding and
             resizing (about 10% of a tiny-model training step); 0 disables it.
+        lazy: Tokenize in ``__getitem__`` instead of keeping the ids. None: when `samples` is
+            a lazy `SampleView` or a list of more than `LAZY_MIN_ITEMS` samples.
     """
 
     def __init__(
@@ -91,14 +124,15 @@ class InstructDataset(Dataset):
         max_replacement_tries: int = 10,
         strict: bool = False,
         pixel_cache_bytes: int = 64 * 2**20,
+        lazy: bool | None = None,
     ) -> None:
         if image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
-        if domains is None:
-            domains = list(dict.fromkeys(s.domain for s in samples))
-        self.domains: list[str] = list(domains)
+        view = isinstance(samples, SampleView)
+        present = samples.domains() if view else list(dict.fromkeys(s.domain for s in samples))
+        self.domains: list[str] = list(present if domains is None else domains)
         domain_ids = {d: i for i, d in enumerate(self.domains)}
-        unknown = sorted({s.domain for s in samples} - set(domain_ids))
+        unknown = sorted(set(present) - set(domain_ids))
         if unknown:
             raise ValueError(f"samples have domains missing from `domains`: {unknown}")
 
@@ -116,24 +150,20 @@ class InstructDataset(Dataset):
         self._pixel_cache: dict[str, torch.Tensor] = {}
         self._pixel_cache_used = 0
 
-        if any(s.has_image for s in samples) and self.image_processor is None:
+        if not view and any(s.has_image for s in samples) and self.image_processor is None:
             raise ValueError("samples have images but the processor has no image_processor")
-
-        self._items: list[_Item] = []
-        cache: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
-        for sample in samples:
-            key = id(sample)
-            if key not in cache:
-                cache[key] = self._encode(sample)
-            encoded = cache[key]
-            if encoded is None:
-                continue
-            self._items.append(_Item(sample, *encoded, domain_ids[sample.domain]))
-            self.report.per_domain[sample.domain] += 1
+        if lazy is None:
+            lazy = samples.lazy if view else len(samples) > LAZY_MIN_ITEMS
+        self.lazy = lazy
+        self._samples = samples
+        self._build_index(samples, domain_ids)
+        counts = np.bincount(self._domain_ids, minlength=len(self.domains))
+        self.report.per_domain = {d: int(counts[i]) for i, d in enumerate(self.domains)}
         if strict:
             self.report.raise_if_problems()
 
-    def _encode(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor] | None:
+    # ----------------------------------------------------------------- the up-front pass
+    def _encode(self, sample: Sample) -> _Encoded | None:
         skip = check_turns(sample.turns, sample.has_image)
         if skip is None:
             try:
@@ -145,30 +175,107 @@ class InstructDataset(Dataset):
         self.report.add_skip(skip, source=sample.source, index=sample.index, sample_id=sample.id)
         return None
 
+    def _fill(self, index: _Index, k: int, sample: Sample, domain_ids: dict[str, int]) -> None:
+        """Encodes `sample` as entry `k` of `index` (dropped: length -1, counted)."""
+        if sample.has_image and self.image_processor is None:
+            raise ValueError("samples have images but the processor has no image_processor")
+        encoded = self._encode(sample)
+        if encoded is None:
+            return
+        index.lengths[k] = len(encoded[0])
+        index.has_image[k] = sample.has_image
+        index.domain_ids[k] = domain_ids[sample.domain]
+        if index.encoded is not None:
+            index.encoded[k] = encoded
+
+    def _index_list(self, samples: Sequence[Sample], domain_ids: dict[str, int]) -> _Index:
+        """One entry per sample; a sample object seen before shares its first encoding."""
+        index = _Index(len(samples), keep_tensors=not self.lazy)
+        first: dict[int, int] = {}
+        for k, sample in enumerate(samples):
+            seen = first.setdefault(id(sample), k)
+            if seen == k:
+                self._fill(index, k, sample, domain_ids)
+                continue
+            for array in (index.lengths, index.has_image, index.domain_ids):
+                array[k] = array[seen]
+            if index.encoded is not None:
+                index.encoded[k] = index.encoded[seen]
+        return index
+
+    def _index_part(self, samples: Iterable[Sample], n: int, domain_ids: dict) -> _Index:
+        index = _Index(n, keep_tensors=not self.lazy)
+        for k, sample in enumerate(samples):
+            self._fill(index, k, sample, domain_ids)
+        return index
+
+    def _build_index(self, samples: Sequence[Sample], domain_ids: dict[str, int]) -> None:
+        """Encodes every distinct sample once, in order, and keeps the kept items' arrays."""
+        if isinstance(samples, SampleView):
+            parts: list[tuple[int, _Index]] = []
+            unique: list[tuple[Any, np.ndarray, _Index]] = []
+            for offset, part in zip(samples.offsets.tolist(), samples.parts):
+                same = (
+                    u[2]
+                    for u in unique
+                    if u[0] is part.table and np.array_equal(u[1], part.positions)
+                )
+                index = next(same, None)
+                if index is None:  # not a repeat of an earlier part
+                    rows = part.table.iter_samples(part.positions)
+                    index = self._index_part(rows, len(part.positions), domain_ids)
+                    unique.append((part.table, part.positions, index))
+                parts.append((offset, index))
+        else:
+            parts = [(0, self._index_list(samples, domain_ids))]
+        where: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        images: list[np.ndarray] = []
+        domains: list[np.ndarray] = []
+        encoded: list[_Encoded] = []
+        for offset, index in parts:
+            index.kept(offset, where, lengths, images, domains)
+            if index.encoded is not None:
+                encoded.extend(e for e in index.encoded if e is not None)
+        self._where = np.concatenate([np.zeros(0, dtype=np.int64), *where])
+        self._lengths = np.concatenate([np.zeros(0, dtype=np.int32), *lengths])
+        self._has_image = np.concatenate([np.zeros(0, dtype=bool), *images])
+        self._domain_ids = np.concatenate([np.zeros(0, dtype=np.int32), *domains])
+        self._encoded = None if self.lazy else encoded
+        for array in (self._where, self._lengths, self._has_image, self._domain_ids):
+            array.flags.writeable = False
+
     # ----------------------------------------------------------------- metadata
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._where)
 
     @property
-    def lengths(self) -> list[int]:
-        """Token length of each item (no image loading)."""
-        return [len(item.input_ids) for item in self._items]
+    def lengths(self) -> Sequence[int]:
+        """Token length of each item (no image loading): a list, or a read-only int32 numpy
+        array when the dataset is lazy."""
+        return self._lengths if self.lazy else self._lengths.tolist()
 
     @property
-    def has_image(self) -> list[bool]:
-        """Whether each item has an image (no image loading)."""
-        return [item.sample.has_image for item in self._items]
+    def has_image(self) -> Sequence[bool]:
+        """Whether each item has an image (no image loading); a bool array when lazy."""
+        return self._has_image if self.lazy else self._has_image.tolist()
 
     @property
-    def domain_ids(self) -> list[int]:
-        """Domain id of each item."""
-        return [item.domain_id for item in self._items]
+    def domain_ids(self) -> Sequence[int]:
+        """Domain id of each item; an int32 array when lazy."""
+        return self._domain_ids if self.lazy else self._domain_ids.tolist()
 
     def sample(self, index: int) -> Sample:
-        """The `Sample` behind item `index`."""
-        return self._items[index].sample
+        """The `Sample` behind item `index` (built from its row when the samples are lazy)."""
+        return self._samples[int(self._where[index])]
 
     # ----------------------------------------------------------------- items
+    def _tokens(self, index: int, sample: Sample) -> _Encoded:
+        if self._encoded is not None:
+            return self._encoded[index]
+        enc = self.encoder.encode(sample.turns)  # encoded before: it cannot fail now
+        return torch.tensor(enc.input_ids), torch.tensor(enc.labels)
+
     def _pixel_values(self, sample: Sample) -> torch.Tensor:
         key = str(sample.image)
         cached = self._pixel_cache.get(key)
@@ -183,30 +290,31 @@ class InstructDataset(Dataset):
         return values
 
     def _try_item(self, index: int) -> dict[str, Any] | None:
-        item = self._items[index]
+        sample = self.sample(index)
+        input_ids, labels = self._tokens(index, sample)
         out: dict[str, Any] = {
-            "input_ids": item.input_ids,
-            "labels": item.labels,
-            "domain_id": item.domain_id,
+            "input_ids": input_ids,
+            "labels": labels,
+            "domain_id": int(self._domain_ids[index]),
         }
-        if not item.sample.has_image:
+        if not sample.has_image:
             return out
         try:
-            out["pixel_values"] = self._pixel_values(item.sample)
+            out["pixel_values"] = self._pixel_values(sample)
         except Exception as e:  # any failure must not reach the training loop
             reason = e.reason if isinstance(e, ImageLoadError) else "image_processing_error"
             self.image_failures[reason] += 1
             logger.warning(
                 "image of item %d (%s) failed, trying a replacement: %s",
                 index,
-                item.sample.image,
+                sample.image,
                 e,
             )
             return None
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self._items)
+        n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
         index %= n
@@ -215,14 +323,14 @@ class InstructDataset(Dataset):
             if out is not None:
                 return out
         # Last resort: keep the shapes valid, learn nothing.
-        item = self._items[index]
+        input_ids, labels = self._tokens(index, self.sample(index))
         self.image_failures["blank_fallback"] += 1
         height, width = processor_input_size(self.image_processor)
         blank = Image.new("RGB", (width, height), mean_colour(self.image_processor))
         return {
-            "input_ids": item.input_ids,
-            "labels": torch.full_like(item.labels, IGNORE_INDEX),
-            "domain_id": item.domain_id,
+            "input_ids": input_ids,
+            "labels": torch.full_like(labels, IGNORE_INDEX),
+            "domain_id": int(self._domain_ids[index]),
             "pixel_values": pixel_values([blank], self.image_processor, "resize")[0],
         }
 
@@ -304,92 +412,3 @@ class DataCollator:
             needed = ((following != IGNORE_INDEX) & (following != self.label_pad)).any(dim=0)
             batch["loss_positions"] = needed.nonzero().flatten()
         return batch
-
-
-def modality_length_grouped_indices(
-    lengths: Sequence[int],
-    has_image: Sequence[bool],
-    batch_size: int,
-    world_size: int = 1,
-    generator: torch.Generator | None = None,
-) -> list[int]:
-    """Orders indices so that each (global) batch has a single modality and similar lengths.
-
-    Image and text-only items are shuffled separately and cut into megabatches of
-    ``batch_size * world_size`` items; each megabatch is sorted by length (longest first, so
-    an out-of-memory error shows up early) and the megabatches are shuffled. The two leftover
-    partial megabatches are merged and put last.
-
-    Args:
-        lengths: Token length of each item.
-        has_image: Modality of each item.
-        batch_size: Per-device batch size.
-        world_size: Number of devices.
-        generator: Random generator (for determinism).
-
-    Returns:
-        A permutation of ``range(len(lengths))``.
-    """
-    if len(lengths) != len(has_image):
-        raise ValueError("lengths and has_image differ in length")
-    mega = batch_size * world_size
-
-    def megabatches(indices: list[int]) -> list[list[int]]:
-        order = torch.randperm(len(indices), generator=generator).tolist()
-        shuffled = [indices[k] for k in order]
-        chunks = [shuffled[k : k + mega] for k in range(0, len(shuffled), mega)]
-        return [sorted(c, key=lambda i: -lengths[i]) for c in chunks]
-
-    groups = [
-        megabatches([i for i, img in enumerate(has_image) if img]),
-        megabatches([i for i, img in enumerate(has_image) if not img]),
-    ]
-    full = [c for g in groups for c in g if len(c) == mega]
-    partial = [i for g in groups for c in g if len(c) < mega for i in c]
-    order = torch.randperm(len(full), generator=generator).tolist()
-    result = [i for k in order for i in full[k]]
-    return result + sorted(partial, key=lambda i: -lengths[i])
-
-
-class ModalityLengthGroupedSampler(Sampler[int]):
-    """Sampler grouping items by modality and length, like LLaVA's ``group_by_modality_length``.
-
-    Deterministic for a given ``seed`` and epoch (call `set_epoch` each epoch for a new order).
-
-    Args:
-        lengths: Token length of each item (e.g. ``dataset.lengths``).
-        has_image: Modality of each item (e.g. ``dataset.has_image``).
-        batch_size: Per-device batch size.
-        world_size: Number of devices.
-        seed: Base seed.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        has_image: Sequence[bool],
-        batch_size: int,
-        world_size: int = 1,
-        seed: int = 0,
-    ) -> None:
-        if batch_size < 1 or world_size < 1:
-            raise ValueError("batch_size and world_size must be >= 1")
-        self.lengths = list(lengths)
-        self.has_image = list(has_image)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        indices = modality_length_grouped_indices(
-            self.lengths, self.has_image, self.batch_size, self.world_size, generator
-        )
-        return iter(indices)

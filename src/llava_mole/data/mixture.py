@@ -6,14 +6,11 @@ mixture's seed: ``select: random`` draws with a generator seeded by (seed, datas
 
 from __future__ import annotations
 
-import math
 import os
-import random
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -22,8 +19,26 @@ from ..paths import not_found_or, path_problem
 from .collate import InstructDataset
 from .convert import PRESETS
 from .formats import DataConfigError, LoadReport, Sample, load_llava_file
-from .hf import COLUMN_ROLES, HFSource, load_hf_samples, open_hf_split, resolve_columns
+from .hf import (
+    COLUMN_ROLES,
+    HFRows,
+    HFSource,
+    load_hf_samples,
+    open_hf_split,
+    resolve_columns,
+    scan_hf_rows,
+)
 from .images import DEFAULT_MAX_PIXELS, IMAGE_MODES, image_checker
+from .selection import (
+    ListTable,
+    Part,
+    SampleView,
+    Take,
+    note_duplicate_ids,
+    select_positions,
+    select_samples,
+    take_count,
+)
 from .templates import TEMPLATES
 
 KNOWN_METRICS: tuple[str, ...] = tuple(METRICS)
@@ -31,7 +46,18 @@ KNOWN_METRICS: tuple[str, ...] = tuple(METRICS)
 SPLITS: tuple[str, ...] = ("train", "test")
 SELECT_MODES: tuple[str, ...] = ("first", "random")
 
-Take = Literal["all"] | int | float
+__all__ = [
+    "KNOWN_METRICS",
+    "DatasetSpec",
+    "MixtureConfig",
+    "SampleView",
+    "Take",
+    "build_datasets",
+    "load_mixture",
+    "load_split",
+    "select_samples",
+    "take_count",
+]
 
 _TOP_KEYS = ("datasets", "seed", "template", "system", "max_length", "image_mode", "strict")
 _DATASET_KEYS = (
@@ -356,43 +382,6 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     return cfg
 
 
-def take_count(take: Take, available: int) -> int:
-    """How many samples `take` selects out of `available`.
-
-    ``all`` selects everything; an int N selects ``min(N, available)``; a fraction f selects
-    ``round(f * available)`` (halves rounded up), at least 1 when anything is available.
-    """
-    if take == "all":
-        return available
-    if isinstance(take, float):
-        if available == 0:
-            return 0
-        return min(available, max(1, math.floor(take * available + 0.5)))
-    return min(int(take), available)
-
-
-def select_samples(
-    samples: Sequence[Sample], take: Take, select: str, seed: str | int
-) -> list[Sample]:
-    """Selects the samples `take` asks for.
-
-    Args:
-        samples: The valid samples of one dataset split, in file order.
-        take: "all", a count or a fraction.
-        select: "first" (the first ones) or "random" (a seeded random subset, kept in file
-            order).
-        seed: Seed of the random subset.
-
-    Returns:
-        The selected samples.
-    """
-    k = take_count(take, len(samples))
-    if select == "first" or k == len(samples):
-        return list(samples[:k])
-    picked = sorted(random.Random(seed).sample(range(len(samples)), k))
-    return [samples[i] for i in picked]
-
-
 def _mixture(mixture: str | os.PathLike[str] | MixtureConfig) -> MixtureConfig:
     return mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
 
@@ -401,12 +390,14 @@ def _load_hf_entry(
     where: str,
     spec: DatasetSpec,
     source: HFSource,
-    check: Any,
-    report: LoadReport,
     *,
+    check_image: Any,
+    report: LoadReport,
     allow_outside_images: bool,
-) -> list[Sample]:
-    """The valid samples of one Hugging Face split; config errors are prefixed with `where`."""
+    lazy: bool,
+) -> list[Sample] | HFRows:
+    """The valid samples of one Hugging Face split (`HFRows` if `lazy`, else a list); config
+    errors are prefixed with `where`."""
     folder = spec.image_folder
     local = Path(source.location)
     if folder is None and local.exists():
@@ -415,7 +406,7 @@ def _load_hf_entry(
         ds = open_hf_split(source)
         candidates = PRESETS[spec.preset].columns if spec.preset else None
         roles = resolve_columns(ds.column_names, spec.columns, source.name, candidates)
-        return load_hf_samples(
+        return (scan_hf_rows if lazy else load_hf_samples)(
             ds,
             roles,
             name=source.name,
@@ -423,23 +414,37 @@ def _load_hf_entry(
             report=report,
             image_root=folder,
             allow_outside_images=allow_outside_images,
-            check_image=check,
+            check_image=check_image,
             prompt_suffix=spec.prompt_suffix,
         )
     except DataConfigError as e:
         raise DataConfigError(f"{where}: {e}") from None
 
 
-def _note_duplicate_ids(samples: Sequence[Sample], where: str, report: LoadReport) -> None:
-    """Two samples with one id are both kept (ids are labels, not keys) but said once."""
-    seen: Counter[str] = Counter(s.id for s in samples)
-    repeated = [i for i, n in seen.items() if n > 1]
-    if repeated:
-        extra = sum(seen[i] - 1 for i in repeated)
-        report.warnings.append(
-            f"{where}: {extra} samples repeat another sample's id (first: {repeated[0]!r}); "
-            "both are kept, and predictions files list them by position"
+def _check_paths(cfg: MixtureConfig, i: int, split: str, source: Path | HFSource) -> None:
+    """One line naming the key when a split file or the image folder is missing."""
+    if isinstance(source, Path) and path_problem(source, "file"):
+        missing = f"file not found: {source}"
+        raise DataConfigError(
+            f"{cfg.path}: datasets[{i}].{split}: {not_found_or(source, 'file', missing)}"
         )
+    folder = cfg.datasets[i].image_folder
+    if folder is not None and path_problem(folder, "folder"):
+        missing = f"folder not found: {folder}"
+        raise DataConfigError(
+            f"{cfg.path}: datasets[{i}].image_folder: {not_found_or(folder, 'folder', missing)}"
+        )
+
+
+def _entry_samples(
+    cfg: MixtureConfig, i: int, split: str, source: Path | HFSource, lazy: bool, **kw: Any
+) -> list[Sample] | HFRows:
+    """The valid samples of entry `i`: a list (JSON, or datasets read eagerly) or `HFRows`."""
+    spec = cfg.datasets[i]
+    if isinstance(source, HFSource):
+        where = f"{cfg.path}: datasets[{i}].{split}"
+        return _load_hf_entry(where, spec, source, lazy=lazy, **kw)
+    return load_llava_file(source, spec.image_folder, domain=spec.domain, **kw)
 
 
 def load_split(
@@ -451,12 +456,18 @@ def load_split(
     allow_outside_images: bool = False,
     verify_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[list[Sample], LoadReport]:
+    lazy: bool | None = None,
+) -> tuple[Sequence[Sample], LoadReport]:
     """Loads, validates and selects the samples of one split of a mixture.
 
     For the train split, ``take``/``select`` pick the samples and ``repeat`` repeats them; for
     the test split, ``test_take``/``select`` pick them (no repeat). Datasets without a file for
     the split are left out.
+
+    Hugging Face entries are read lazily by default: every row is validated once (skips are
+    counted as usual), only the indices of the valid rows are kept, and the result is a
+    `SampleView` that builds a row's `Sample` when it is accessed. A mixture of LLaVA JSON
+    files only gives a list, exactly as before.
 
     Args:
         mixture: The YAML file or a loaded `MixtureConfig`.
@@ -469,6 +480,9 @@ def load_split(
             decode); if False only existence is checked and broken images are handled by the
             dataset's fallback at training time.
         max_image_pixels: Images larger than this are skipped (`image_too_large`).
+        lazy: None: a `SampleView` when some entry is a Hugging Face dataset, else a list;
+            True: always a `SampleView`; False: always a list (a `Sample` per row kept).
+            The samples, their order and the report are the same in every case.
 
     Returns:
         The samples (repeats included, datasets in file order) and a report whose
@@ -482,59 +496,48 @@ def load_split(
     if split not in SPLITS:
         raise DataConfigError(f"split must be one of {SPLITS}, got {split!r}")
     seed = cfg.seed if seed is None else seed
-    strict = cfg.strict if strict is None else strict
     check = image_checker(max_image_pixels) if verify_images else None
     report = LoadReport()
     counts = {d: 0 for d in cfg.domains}
     samples: list[Sample] = []
+    parts: list[Part] = []
     for i, spec in enumerate(cfg.datasets):
         source = spec.source(split)
         if source is None:
             continue
-        if isinstance(source, Path) and path_problem(source, "file"):
-            missing = f"file not found: {source}"
-            raise DataConfigError(
-                f"{cfg.path}: datasets[{i}].{split}: {not_found_or(source, 'file', missing)}"
-            )
-        folder = spec.image_folder
-        if folder is not None and path_problem(folder, "folder"):
-            missing = f"folder not found: {folder}"
-            raise DataConfigError(
-                f"{cfg.path}: datasets[{i}].image_folder: {not_found_or(folder, 'folder', missing)}"
-            )
-        if isinstance(source, HFSource):
-            valid = _load_hf_entry(
-                f"{cfg.path}: datasets[{i}].{split}",
-                spec,
-                source,
-                check,
-                report,
-                allow_outside_images=allow_outside_images,
-            )
-        else:
-            valid = load_llava_file(
-                source,
-                folder,
-                domain=spec.domain,
-                allow_outside_images=allow_outside_images,
-                check_image=check,
-                report=report,
-            )
-        _note_duplicate_ids(valid, f"datasets[{i}] ({spec.name})", report)
+        _check_paths(cfg, i, split, source)
+        valid = _entry_samples(
+            cfg,
+            i,
+            split,
+            source,
+            lazy is not False,
+            check_image=check,
+            report=report,
+            allow_outside_images=allow_outside_images,
+        )
+        note_duplicate_ids(valid, f"datasets[{i}] ({spec.name})", report)
+        if isinstance(valid, HFRows):
+            valid.id_hashes = None  # only needed for that check: 8 bytes per row less
         take = spec.take if split == "train" else spec.test_take
         repeat = spec.repeat if split == "train" else 1
         if take != "all" and not isinstance(take, float) and take > len(valid):
             report.warnings.append(
                 f"datasets[{i}] ({spec.name}): take {take} but only {len(valid)} valid samples"
             )
-        chosen = select_samples(
-            valid, take, spec.select, f"{seed}:{spec.name}:{spec.domain}:{split}"
-        )
-        samples.extend(chosen * repeat)
-        counts[spec.domain] += len(chosen) * repeat
+        key = f"{seed}:{spec.name}:{spec.domain}:{split}"
+        positions = select_positions(len(valid), take, spec.select, key)
+        table = valid if isinstance(valid, HFRows) else ListTable(valid)
+        parts.extend([Part(table, positions)] * repeat)
+        if isinstance(valid, list):  # the same samples as `select_samples` picks
+            samples.extend([valid[p] for p in positions.tolist()] * repeat)
+        counts[spec.domain] += len(positions) * repeat
     report.per_domain = counts  # selected items, not valid samples
-    if strict:
+    if strict if strict is not None else cfg.strict:
         report.raise_if_problems()
+    view = SampleView(parts)
+    if lazy or (lazy is None and view.lazy):
+        return view, report
     return samples, report
 
 
@@ -548,6 +551,7 @@ def build_datasets(
     allow_outside_images: bool = False,
     verify_images: bool = True,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    lazy: bool | None = None,
 ) -> tuple[InstructDataset, LoadReport]:
     """Builds the dataset of one split of a mixture.
 
@@ -560,6 +564,12 @@ def build_datasets(
         allow_outside_images: Accept image paths outside the image folders.
         verify_images: Verify images at load time (see `load_split`).
         max_image_pixels: Image size limit.
+        lazy: None: Hugging Face entries are read lazily (see `load_split`) and then also
+            encoded lazily -- the dataset keeps each item's position, token length, modality
+            and domain (small integer arrays) and tokenizes the item again in ``__getitem__``
+            -- while JSON-only mixtures are encoded up front and keep their token ids, as
+            before (unless they have more than `collate.LAZY_MIN_ITEMS` items); True: both lazy;
+            False: both eager (a `Sample` per row, token ids kept). Same items either way.
 
     Returns:
         The dataset (``dataset.domains`` is the mixture's domain list) and the load report;
@@ -583,6 +593,7 @@ def build_datasets(
         allow_outside_images=allow_outside_images,
         verify_images=verify_images,
         max_image_pixels=max_image_pixels,
+        lazy=lazy,
     )
     dataset = InstructDataset(
         samples,
@@ -593,6 +604,7 @@ def build_datasets(
         image_mode=cfg.image_mode,
         domains=cfg.domains,
         max_image_pixels=max_image_pixels,
+        lazy=lazy,
     )
     report.per_domain = dict(dataset.report.per_domain)
     report.skipped.update(dataset.report.skipped)
