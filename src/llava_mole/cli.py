@@ -78,30 +78,46 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed
     from .train.run import train
 
-    result = train(args.config, args.set or [])
-    if result.completed:
+    try:
+        result = train(args.config, args.set or [])
+        _close_process_group()  # every rank has finished (or the collective timeout fails it)
+    except Exception as err:
+        line = None if args.debug else distributed.collective_failure(err)
+        if line is None:
+            raise
+        print(f"llava-mole train: error: {line}", file=sys.stderr, flush=True)
+        return 1
+    if result.completed and distributed.global_rank() == 0:
+        from .adapters.io import WEIGHTS_NAME
+        from .train.resume import SUMMARY
+
+        missing = [n for n in (WEIGHTS_NAME, SUMMARY) if not (result.output_dir / n).is_file()]
+        if missing:
+            print(
+                f"llava-mole train: error: {result.output_dir / missing[0]} was not written",
+                file=sys.stderr,
+            )
+            return 1
         s = result.summary
         print(
             f"done: {s['steps']} steps, {s.get('tokens_per_s')} tokens/s; adapter in {result.output_dir}",
             flush=True,
         )
-    _close_process_group()
     return 0
 
 
 def _close_process_group() -> None:
-    """End torchrun's process group once every rank is done.
+    """End torchrun's process group once every rank is done (a monitored barrier on gloo).
 
     Left to interpreter teardown, the gloo/NCCL threads can abort a rank with SIGABRT
     ("terminate called without an active exception") after a run that finished and saved.
     """
-    import torch.distributed as dist
+    from .train.distributed import close_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_process_group()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

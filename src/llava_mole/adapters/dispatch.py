@@ -36,21 +36,26 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 class _RouterLogits(torch.autograd.Function):
-    """``x @ W.T`` in float32 that keeps ``x`` (not a float32 copy of it) for backward."""
+    """``x @ W.T`` in float32 that keeps ``x`` (not a float32 copy of it) for backward.
+
+    ``W`` is float32 except where an engine casts the whole module (DeepSpeed bf16 keeps its
+    float32 master copy in the optimizer): the product is float32 either way.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return F.linear(x.float(), weight)
+        return F.linear(x.float(), weight.float())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight).to(x.dtype)
+            grad_x = (grad @ weight.float()).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = grad.t() @ x.float()  # the float32 copy lives only during this product
+            # The float32 copy of x lives only during this product.
+            grad_w = (grad.t() @ x.float()).to(weight.dtype)
         return grad_x, grad_w
 
 
@@ -63,7 +68,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     column), the whole of MoLE's activation-memory excess over LoRA in the dense path.
     """
     if x.dtype == torch.float32 or not (x.requires_grad or weight.requires_grad):
-        return F.linear(x.float(), weight)
+        return F.linear(x.float(), weight.float())
     return _RouterLogits.apply(x, weight)
 
 

@@ -13,12 +13,17 @@ Balance losses (``P_k`` mean router probability, ``f_k`` share of routed tokens,
   block, averaged over blocks. Equals 1 for a perfectly balanced router.
 * ``official`` (LLaVA-MoLE release): per sample, probabilities and choices of all blocks' real
   tokens are pooled, ``sum_k mean(p_k) * mean(onehot_k)``, averaged over the batch.
+
+Under data parallelism (DDP, DeepSpeed, FSDP) :func:`mole_aux_terms` computes these over the
+*global* micro-batch of all processes (one all-reduce of the per-block counts per forward), so N
+processes with per-device batch B train exactly as one process with batch N * B.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,6 +72,7 @@ class MoLEState:
             self.image_mask = input_ids == self.image_token_id
         self.balance: list[torch.Tensor] = []
         self.z_loss: list[torch.Tensor] = []
+        self._z_sums: list[torch.Tensor] = []
         self.loads: list[torch.Tensor] = []
         self._pooled: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if self.trace is not None:
@@ -115,10 +121,11 @@ class MoLEState:
         total = n.sum().clamp_min(1.0)
         load = c_sum.sum(0) / total
         balance = k * (load * (p_sum.sum(0) / total)).sum()
-        z_loss = None
+        z_loss = z_sum = None
         if self.config.router_z_coef > 0:
             z = torch.logsumexp(logits.float(), dim=-1).pow(2).view(batch, seq)
-            z_loss = (z * real).sum() / total
+            z_sum = (z * real).sum()
+            z_loss = z_sum / total
         # Checkpoint recomputation must save the same tensors as the first forward, so the terms
         # are computed either way; they are only kept from the first forward.
         if _in_backward():
@@ -128,6 +135,7 @@ class MoLEState:
         self._pooled.append((p_sum, c_sum, n))
         if z_loss is not None:
             self.z_loss.append(z_loss)
+            self._z_sums.append(z_sum)
         if self.collect_stats:
             self._accumulate_stats(block, chosen.detach(), real, batch, seq)
 
@@ -164,13 +172,8 @@ class MoLEState:
             return None
         if self.config.balance_loss == "switch":
             return torch.stack(self.balance).mean()
-        p_sum = torch.stack([t[0] for t in self._pooled]).sum(0)
-        c_sum = torch.stack([t[1] for t in self._pooled]).sum(0)
-        n = torch.stack([t[2] for t in self._pooled]).sum(0)
-        denom = n.clamp_min(1).unsqueeze(-1)
-        per_sample = ((p_sum / denom) * (c_sum / denom)).sum(-1)
+        per_sample, has_tokens = self._official_per_sample()
         # Mean over samples that have real tokens, without a host sync.
-        has_tokens = (n > 0).float()
         return (per_sample * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -182,6 +185,81 @@ class MoLEState:
         if self.z_loss:
             total = total + self.config.router_z_coef * torch.stack(self.z_loss).mean()
         return total
+
+    def aux_terms(self, sync: Callable[[torch.Tensor], torch.Tensor] | None = None, world: int = 1):
+        """Auxiliary loss, balance loss and expert load of the latest forward (:class:`AuxTerms`).
+
+        Args:
+            sync: ``None`` (this process's tokens), or a function returning the sum of a
+                detached tensor over the data-parallel processes: every term is then computed
+                from the global micro-batch's counts.
+            world: number of data-parallel processes (used with ``sync``).
+
+        With ``sync``, each returned loss has the global value on every process, and a gradient
+        that, averaged over the processes (as DDP, DeepSpeed and FSDP average gradients), is the
+        gradient of the global loss: ``world`` times the local tokens' share of it.
+        """
+        if not self.balance:
+            return AuxTerms(None, None, None)
+        if sync is None:
+            return AuxTerms(self.aux_loss(), self.balance_loss(), torch.stack(self.loads).mean(0))
+        k = self._pooled[0][0].shape[-1]
+        p_blocks = torch.stack([t[0].sum(0) for t in self._pooled]).float()  # (L, K), has grad
+        c_blocks = torch.stack([t[1].sum(0) for t in self._pooled]).float().detach()
+        n_blocks = torch.stack([t[2].sum() for t in self._pooled]).float().detach()  # (L,)
+        parts = [p_blocks.detach().reshape(-1), c_blocks.reshape(-1), n_blocks]
+        official = self.config.balance_loss != "switch"
+        if official:
+            per_sample, has_tokens = self._official_per_sample()
+            o_sum = (per_sample * has_tokens).sum()
+            parts += [o_sum.detach().view(1), has_tokens.sum().detach().view(1)]
+        z_sums = torch.stack(self._z_sums).float() if self._z_sums else None
+        if z_sums is not None:
+            parts.append(z_sums.detach())
+        flat = sync(torch.cat(parts))
+        blocks = p_blocks.shape[0]
+        sizes = [blocks * k, blocks * k, blocks] + ([1, 1] if official else [])
+        sizes += [blocks] if z_sums is not None else []
+        pieces = list(torch.split(flat, sizes))
+        p_all = pieces[0].view(blocks, k)
+        n_all = pieces[2].clamp_min(1.0).unsqueeze(-1)
+        load = pieces[1].view(blocks, k) / n_all  # each expert's share of the global tokens
+        if official:
+            count = pieces[4].clamp_min(1.0).squeeze()
+            value = pieces[3].squeeze() / count
+            local = o_sum / count * world
+        else:
+            value = (k * (load * p_all / n_all).sum(-1)).mean()
+            local = (k * (load * p_blocks / n_all).sum(-1)).mean() * world
+        balance = value + (local - local.detach())
+        loss = self.config.balance_coef * balance
+        if z_sums is not None:
+            z_value = (pieces[-1] / n_all.squeeze(-1)).mean()
+            z_local = (z_sums / n_all.squeeze(-1)).mean() * world
+            loss = loss + self.config.router_z_coef * (z_value + (z_local - z_local.detach()))
+        return AuxTerms(loss, balance, load.mean(0))
+
+    def _official_per_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p_sum = torch.stack([t[0] for t in self._pooled]).sum(0)
+        c_sum = torch.stack([t[1] for t in self._pooled]).sum(0)
+        n = torch.stack([t[2] for t in self._pooled]).sum(0)
+        denom = n.clamp_min(1).unsqueeze(-1)
+        return ((p_sum / denom) * (c_sum / denom)).sum(-1), (n > 0).float()
+
+
+@dataclass
+class AuxTerms:
+    """The routing terms of one forward (``None`` without MoLE blocks or before a forward).
+
+    Attributes:
+        loss: ``balance_coef * balance + router_z_coef * z`` (add it to the LM loss).
+        balance: the balance loss alone.
+        load: ``(K,)`` each expert's share of the routed tokens, averaged over blocks.
+    """
+
+    loss: torch.Tensor | None
+    balance: torch.Tensor | None
+    load: torch.Tensor | None
 
 
 class RoutingTrace:
@@ -260,6 +338,23 @@ def mole_aux_loss(model: nn.Module) -> torch.Tensor | None:
     """
     state = get_state(model)
     return None if state is None else state.aux_loss()
+
+
+def mole_aux_terms(
+    model: nn.Module,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    world: int = 1,
+) -> AuxTerms:
+    """Auxiliary loss, balance loss and expert load of the model's latest forward.
+
+    Args:
+        model: an adapted model (a model without MoLE blocks gives ``AuxTerms(None, None, None)``).
+        sync: sums a detached tensor over the data-parallel processes (e.g. an all-reduce);
+            ``None`` keeps the terms local (what :func:`mole_aux_loss` returns).
+        world: number of data-parallel processes.
+    """
+    state = get_state(model)
+    return AuxTerms(None, None, None) if state is None else state.aux_terms(sync, world)
 
 
 def routing_summary(model: nn.Module) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Checkpoint folders of a run: which are complete, which are intact, and write failures.
 
 A checkpoint ``checkpoint-N/`` holds the adapter (``save_adapter`` format), the optimizer,
-scheduler and RNG state and ``trainer_state.json``. It is written under a temporary name and
+scheduler and RNG state and ``trainer_state.json``. The optimizer state is ``optimizer.pt``
+(one process, DDP), ``optimizer.bin`` (FSDP2) or DeepSpeed's ``latest`` tag with its
+``global_stepN/`` partitions (one file per rank). It is written under a temporary name and
 renamed when every file is on disk, so a *complete* checkpoint has every file. A complete
 checkpoint can still be *damaged* later (a truncated copy, a zero-byte file, bit rot, a NaN
 written by a diverging run): before resuming, :func:`pick_checkpoint` reads every file and
@@ -33,8 +35,10 @@ from ..adapters.io import (
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
+FSDP_OPTIMIZER = "optimizer.bin"
+DEEPSPEED_TAG = "latest"
 SCHEDULER = "scheduler.pt"
-NEEDED = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE, OPTIMIZER, SCHEDULER)
+NEEDED = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE, SCHEDULER)
 TEMP_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}-"
 
 
@@ -79,11 +83,33 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
+def optimizer_files(path: Path) -> list[Path] | str:
+    """The files holding a checkpoint's optimizer state, or why there are none."""
+    for name in (OPTIMIZER, FSDP_OPTIMIZER):
+        if (path / name).is_file():
+            return [path / name]
+    tag_file = path / DEEPSPEED_TAG
+    if not tag_file.is_file():
+        return f"{OPTIMIZER} is missing"
+    try:
+        tag = tag_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{DEEPSPEED_TAG} is unreadable ({err})"
+    folder = path / tag
+    files = sorted(folder.glob("*.pt")) if tag and folder.is_dir() else []
+    if not any("optim_states" in f.name for f in files):
+        return f"DeepSpeed optimizer partitions are missing ({DEEPSPEED_TAG} names {tag!r})"
+    return files
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from exactly, or ``None`` when every file reads back."""
     missing = [name for name in NEEDED if not (path / name).is_file()]
     if missing:
         return f"{missing[0]} is missing"
+    optimizer = optimizer_files(path)
+    if isinstance(optimizer, str):
+        return optimizer
     rng = list(path.glob("rng_state*.pth"))
     if not rng:
         return "rng_state.pth is missing"
@@ -96,10 +122,10 @@ def checkpoint_problem(path: Path) -> str | None:
                 return f"adapter tensor {name!r} is not finite (NaN/Inf)"
     except AdapterError as err:
         return str(err)
-    for name in (OPTIMIZER, SCHEDULER, *(p.name for p in rng)):
-        problem = _archive_problem(path / name)
+    for file in (*optimizer, path / SCHEDULER, *rng):
+        problem = _archive_problem(file)
         if problem:
-            return f"{name} is unreadable ({problem})"
+            return f"{file.relative_to(path)} is unreadable ({problem})"
     return None
 
 

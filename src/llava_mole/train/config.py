@@ -143,9 +143,12 @@ class TrainSection:
         collapse_window: ...averaged over this many logged steps.
         log_domain_loss: log the LM loss per domain.
         report_to: ``tensorboard`` and/or ``none``.
-        deepspeed: path to a DeepSpeed JSON config (GPU).
-        fsdp: transformers ``fsdp`` option string (GPU), e.g. ``"full_shard auto_wrap"``.
-        fsdp_config: path to an FSDP JSON config.
+        deepspeed: path to a DeepSpeed JSON config (ZeRO-2/3; CPU processes work too).
+        fsdp: transformers ``fsdp`` option string, e.g. ``"full_shard"`` (FSDP2, 2+ processes).
+        fsdp_config: path to an FSDP JSON config (``configs/fsdp.json``).
+        dist_timeout: seconds a process waits in a collective operation (and for the other
+            ranks at the end) before the run fails: a rank that crashed or hangs stops the run
+            with one line instead of holding the others forever.
         resume: ``auto`` resumes from the latest checkpoint in ``output_dir``; a path resumes
             from that checkpoint; ``false`` refuses to reuse a directory holding checkpoints.
         stop_after_steps: end this invocation (with a checkpoint) after this many optimizer steps
@@ -180,6 +183,7 @@ class TrainSection:
     deepspeed: str | None = None
     fsdp: str | None = None
     fsdp_config: str | None = None
+    dist_timeout: float = 1800.0
     resume: str | bool = "auto"
     stop_after_steps: int = 0
 
@@ -249,6 +253,7 @@ class TrainConfig:
             ("train.projector_lr", t.projector_lr, ">", 0),
             ("train.router_lr", t.router_lr, ">", 0),
             ("train.max_grad_norm", t.max_grad_norm, ">", 0),
+            ("train.dist_timeout", t.dist_timeout, ">", 0),
             ("train.weight_decay", t.weight_decay, ">=", 0),
             ("train.collapse_threshold", t.collapse_threshold, "in [0, 1)", (0, 1)),
             ("train.max_skipped_share", t.max_skipped_share, "in [0, 1]", (0, 1)),

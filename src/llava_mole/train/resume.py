@@ -34,6 +34,7 @@ RESUME_FREE_KEYS = frozenset(
         "train.report_to",
         "train.collapse_threshold",
         "train.collapse_window",
+        "train.dist_timeout",
         "adapter.dispatch",
         "output_dir",  # a run folder that was moved is the same run
     }

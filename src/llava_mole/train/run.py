@@ -8,8 +8,13 @@ Output directory layout::
     runs/                    TensorBoard events
     adapter_config.json      final adapter (save_adapter format) ...
     adapter_model.safetensors
-    summary.json             steps, tokens, wall time, tokens/s, final losses, expert load
+    summary.json             steps, tokens, wall time, tokens/s, final losses, expert load,
+                             the engine and each rank's share of the trainable state
     training.png             loss curves and expert load
+
+Under torchrun every rank runs this; DeepSpeed ZeRO-2/3 and FSDP2 are described in
+:mod:`.distributed`. The final adapter and summary are written by rank 0 once every rank has
+contributed its shard; ``llava-mole train`` says ``done`` after every rank has finished.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import torch
 from transformers import TrainerState
 
-from ..adapters.inject import AdapterError, apply_mole, count_trainable
+from ..adapters.inject import AdapterError, apply_mole
 from ..adapters.io import atomic_write_bytes
 from ..adapters.mole import MoLEMLP
 from ..data.collate import DataCollator, ModalityLengthGroupedSampler
@@ -33,6 +38,7 @@ from ..data.mixture import build_datasets, load_mixture
 from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
 from ..paths import not_found_or, path_problem
+from . import distributed
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
 from .checkpoints import (
     TRAINER_STATE,
@@ -86,6 +92,7 @@ def _training_arguments(config: TrainConfig, has_cuda: bool):
         fp16=t.precision == "fp16",
         use_cpu=not has_cuda,
         ddp_find_unused_parameters=False,
+        ddp_timeout=int(config.train.dist_timeout),
         # gloo only for a multi-process CPU launch (torchrun); set in a single process it asks
         # for a process group that does not exist.
         ddp_backend="gloo" if not has_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
@@ -94,8 +101,7 @@ def _training_arguments(config: TrainConfig, has_cuda: bool):
         report_to=[r for r in t.report_to if r != "none"] or "none",
         dataloader_num_workers=t.num_workers,
         deepspeed=t.deepspeed,
-        fsdp=t.fsdp or "",
-        fsdp_config=t.fsdp_config,
+        **distributed.fsdp_arguments(config),
         disable_tqdm=False,
         save_only_model=False,
     )
@@ -103,22 +109,6 @@ def _training_arguments(config: TrainConfig, has_cuda: bool):
         kwargs["activation_checkpointing"] = True
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(**kwargs)
-
-
-def _zero3_leaf(config: TrainConfig) -> None:
-    if not config.train.deepspeed:
-        return
-    try:
-        stage = (
-            json.loads(Path(config.train.deepspeed).read_text())
-            .get("zero_optimization", {})
-            .get("stage")
-        )
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(
-            f"train.deepspeed: cannot read {config.train.deepspeed} ({err})"
-        ) from None
-    return stage
 
 
 def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) -> TrainResult:
@@ -142,6 +132,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     if path_problem(config.data.mixture, "file"):
         missing = f"file not found: {config.data.mixture} (run `llava-mole make-data`?)"
         raise ConfigError(f"data.mixture: {not_found_or(config.data.mixture, 'file', missing)}")
+    distributed.check_engines(config)  # one line before any process loads a model
     with run_lock(config.output_dir):
         return _train_locked(config)
 
@@ -155,7 +146,10 @@ def _train_locked(config: TrainConfig) -> TrainResult:
         print(f"{out}: run already complete ({plan.summary.get('steps')} steps); nothing changed")
         return TrainResult(out, plan.summary, True)
     set_seed(config.train.seed)
+    distributed.init_process_group(config.train.dist_timeout)
+    distributed.prepare_deepspeed(config)
     model, processor, mole_config = _setup_model(config)
+    distributed.check_model(config, model)
     dataset, report = _setup_data(config, processor, mole_config)
     args = _training_arguments(config, torch.cuda.is_available())
     out.mkdir(parents=True, exist_ok=True)
@@ -184,14 +178,13 @@ def _train_locked(config: TrainConfig) -> TrainResult:
     completed = not stopper.stopped
     summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, plan.checkpoint)
     _check_skipped(config, summary)
-    if trainer.is_world_process_zero():
-        if completed:
-            _write_final(trainer, out, summary, config)
-        else:
-            print(
-                f"stopped after step {trainer.state.global_step}; run the same command again to resume",
-                flush=True,
-            )
+    if completed:
+        _write_final(trainer, out, summary, config)  # every rank: gathering shards is collective
+    elif trainer.is_world_process_zero():
+        print(
+            f"stopped after step {trainer.state.global_step}; run the same command again to resume",
+            flush=True,
+        )
     return TrainResult(out, summary, completed)
 
 
@@ -211,7 +204,9 @@ def _setup_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, Any]:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # fp32 master weights; autocast runs the math in bf16
-    if _zero3_leaf(config) == 3:
+    if distributed.zero_stage(config) == 3 and any(isinstance(m, MoLEMLP) for m in model.modules()):
+        # Routing picks experts per token: ZeRO-3 gathers a MoLE block's parameters as a whole
+        # instead of tracing which expert tensors a forward touches.
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [MoLEMLP])
@@ -294,16 +289,23 @@ def _check_skipped(config: TrainConfig, summary: dict[str, Any]) -> None:
 
 
 def _write_final(trainer: MoLETrainer, out: Path, summary: dict[str, Any], config) -> None:
-    """Final adapter, then ``summary.json`` (its presence marks the run complete)."""
+    """Final adapter, then ``summary.json`` (its presence marks the run complete).
+
+    Called on every rank: under ZeRO-3 and FSDP2 each rank holds a shard of the adapter and the
+    gather is collective; rank 0 writes the files.
+    """
     try:
         trainer.save_model(str(out))
-        atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+        if trainer.is_world_process_zero():
+            atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     except Exception as err:
         if not is_write_failure(err):
             raise
         raise write_failure(
             err, out, 2 * folder_bytes(latest_checkpoint(out)) + (1 << 20)
         ) from None
+    if not trainer.is_world_process_zero():
+        return
     plot_training(
         out / "logs.jsonl",
         out / "training.png",
@@ -322,7 +324,8 @@ def _summary(trainer, config, wall, tokens, report, warnings, resumed_from) -> d
         "wall_time_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "resumed_from": str(resumed_from) if resumed_from else None,
-        "trainable_parameters": count_trainable(trainer.model),
+        "trainable_parameters": distributed.trainable_numel(trainer.model),
+        "distributed": trainer.shard_report,
         "final": {
             k: v
             for k, v in last.items()

@@ -9,7 +9,11 @@ What it adds to the stock Trainer:
   processes at each logging step.
 * **Checkpoints**: adapter-only (``save_adapter`` format) plus optimizer, scheduler and RNG
   state, written under a temporary name and renamed when complete, so a half-written
-  checkpoint is never taken as the latest.
+  checkpoint is never taken as the latest. Under DeepSpeed the optimizer state is its
+  ``global_stepN/`` partitions (frozen base weights excluded), under FSDP2 ``optimizer.bin``.
+* **Engines** (DeepSpeed ZeRO-2/3, FSDP2; see :mod:`.distributed`): the engine asked for is
+  active or the run stops with one line, each rank's share of the trainable state is logged,
+  and adapters are saved from the gathered full tensors.
 * **Numerical faults**: a non-finite loss or gradient stops the run (or skips the step) with
   a message naming the step, before anything overwrites the last good checkpoint.
 """
@@ -31,16 +35,17 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapters.inject import PROJECTOR_NAME, adapter_info
+from ..adapters.inject import PROJECTOR_NAME
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
 from ..adapters.state import (
     get_state,
-    mole_aux_loss,
+    mole_aux_terms,
     set_dense_routing,
     set_routing_domains,
     set_token_tags,
 )
 from ..data.templates import IGNORE_INDEX
+from . import distributed
 from .checkpoints import (
     TEMP_PREFIX,
     folder_bytes,
@@ -127,6 +132,39 @@ class MoLETrainer(Trainer):
         self.tokens_seen = 0
         self._reset_accumulators()
         self.add_callback(_GradientGuard(self))
+        self.shard_report: dict[str, Any] | None = None
+        self._aux_sync = distributed.aux_sync(self)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        distributed.enable_engine(self)
+
+    @property
+    def uses_engine(self) -> bool:
+        """DeepSpeed or FSDP (parameters, gradients or optimizer state sharded)."""
+        return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        # Engines: the stock resume would load a DeepSpeed checkpoint strictly (its module state
+        # holds the trainable tensors only) and an FSDP one from a full-model file this trainer
+        # does not write; resume here instead, once the engine holds the model.
+        engine = self.uses_engine
+        model, train_dataloader = super()._prepare_for_training(
+            max_steps, train_dataloader, None if engine else resume_from_checkpoint
+        )
+        if engine and resume_from_checkpoint is not None:
+            if self.is_deepspeed_enabled:
+                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+                deepspeed_load_checkpoint(
+                    self.model_wrapped, resume_from_checkpoint, load_module_strict=False
+                )
+            else:
+                self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+        self.shard_report = distributed.shard_report(self)
+        return model, train_dataloader
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """``6 * tokens * parameters`` (as transformers estimates it), the count cached.
@@ -201,9 +239,10 @@ class MoLETrainer(Trainer):
         else:
             lm_loss = lm_sum / local_count.clamp_min(1) / ga_steps
         loss = lm_loss
-        aux = mole_aux_loss(model)
-        if aux is not None:
-            loss = loss + aux / ga_steps
+        # Balance loss and loads of the global micro-batch (all processes' tokens).
+        terms = mole_aux_terms(model, self._aux_sync if model.training else None, world)
+        if terms.loss is not None:
+            loss = loss + terms.loss / ga_steps
 
         if model.training:
             self._accumulate("lm_sum", lm_sum)
@@ -213,12 +252,10 @@ class MoLETrainer(Trainer):
             mask = inputs.get("attention_mask")
             tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
             self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
-            state = get_state(model)
-            if state is not None and state.loads:
-                balance = state.balance_loss()
-                if balance is not None:
-                    self._accumulate("balance_sum", balance)
-                self._accumulate("load_sum", torch.stack(state.loads).mean(0))
+            if terms.balance is not None:
+                self._accumulate("balance_sum", terms.balance)
+            if terms.load is not None:
+                self._accumulate("load_sum", terms.load)
             if self.log_domain_loss and domain_ids is not None and self.domains:
                 domains = domain_ids.to(lm_sum.device)
                 per_sample = token_loss.sum(1).detach().float()
@@ -283,6 +320,13 @@ class MoLETrainer(Trainer):
 
     # ---- optimizer ---------------------------------------------------------------------------
     def create_optimizer(self, model=None):
+        if (
+            self.optimizer is None
+            and self.is_fsdp_enabled
+            and not getattr(self, "_blocks_sharded", 0)
+        ):
+            # Before the optimizer holds the parameters (accelerate maps them to their shards).
+            self._blocks_sharded = distributed.shard_mole_blocks(self, model or self.model) or -1
         if self.optimizer is None and (self.projector_lr is not None or self.router_lr is not None):
             model = model if model is not None else self.model
             own_lr = {PROJECTOR_NAME: self.projector_lr, "router": self.router_lr}
@@ -303,24 +347,42 @@ class MoLETrainer(Trainer):
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (every trained tensor, in full) to ``output_dir`` from rank 0.
+
+        Under DeepSpeed and FSDP this is a collective: every rank must call it (each holds a
+        part); only the trainable tensors are gathered, never the frozen base.
+        """
         output_dir = output_dir or self.args.output_dir
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # Sharded engines gather the full state dict; keep only the adapter tensors from it.
-            state_dict = self.accelerator.get_state_dict(
-                self.deepspeed if self.is_deepspeed_enabled else self.model
-            )
-            if self.args.should_save:
-                _save_from_state_dict(
-                    self.accelerator.unwrap_model(self.model),
-                    state_dict,
-                    output_dir,
-                    self._extra_with_step(),
-                )
-            return
+        tensors = distributed.gathered_adapter_tensors(self) if self.uses_engine else None
         if self.args.should_save:
             save_adapter(
-                self.accelerator.unwrap_model(self.model), output_dir, self._extra_with_step()
+                self.accelerator.unwrap_model(self.model),
+                output_dir,
+                self._extra_with_step(),
+                tensors=tensors,
             )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.uses_engine:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        if self.is_deepspeed_enabled:
+            # Optimizer partitions and the trainable tensors; the frozen base is not copied.
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+        else:
+            from accelerate.utils import save_fsdp_optimizer
+
+            save_fsdp_optimizer(
+                self.accelerator.state.fsdp_plugin,
+                self.accelerator,
+                self.optimizer,
+                self.model,
+                output_dir,
+            )
+        if self.args.should_save:
+            from transformers.trainer import SCHEDULER_NAME
+
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _extra_with_step(self) -> dict[str, Any] | None:
         """The adapter's metadata plus the optimizer step it was saved at (for its card)."""
@@ -384,9 +446,7 @@ class MoLETrainer(Trainer):
     def _checkpoint_bytes(self, run_dir: Path) -> int:
         """About what one checkpoint takes: the last one's size, else adapter + 2 Adam moments."""
         last = folder_bytes(latest_checkpoint(run_dir))
-        trainable = sum(
-            p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad
-        )
+        trainable = 4 * distributed.trainable_numel(self.model)
         return last or 3 * trainable + (1 << 20)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -421,10 +481,16 @@ class _GradientGuard(TrainerCallback):
         trainer = self.trainer
         if self._trainable is None:
             self._trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-        grads = [p.grad for p in self._trainable if p.grad is not None]
+        # FSDP2: each rank checks its gradient shards and the ranks agree (one all-reduce).
+        # DeepSpeed keeps gradients in its own buffers (p.grad is None) and steps in backward.
+        grads = [_local(p.grad) for p in self._trainable if p.grad is not None]
         skip = getattr(trainer, "_skip_pending", False)
-        if grads and not skip:
-            if not _all_finite(grads):
+        sharded = trainer.is_fsdp_enabled
+        if (grads or sharded) and not skip:
+            finite = _all_finite(grads) if grads else True
+            if sharded:
+                finite = distributed.all_ranks_true(finite, trainer.args.device)
+            if not finite:
                 step = state.global_step + 1
                 if trainer.nan_policy == "stop":
                     raise NonFiniteLossError(trainer._nan_message("gradient", step))
@@ -439,16 +505,11 @@ class _GradientGuard(TrainerCallback):
         return control
 
 
-def _save_from_state_dict(
-    model: torch.nn.Module, state_dict: dict, output_dir: str, extra: dict | None = None
-) -> None:
-    info = adapter_info(model)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in info.trainable:
-            if name in state_dict and state_dict[name].shape == params[name].shape:
-                params[name].data = state_dict[name].to(params[name].device, params[name].dtype)
-    save_adapter(model, output_dir, extra)
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def warmup_steps_value(ratio: float) -> float:
