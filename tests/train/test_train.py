@@ -345,3 +345,25 @@ def test_logits_kept_at_loss_positions_only_give_the_same_training(
     full = train(load_train_config(None, overrides + ["adapter.dropout=0.0"]))
     assert kept_shapes[-1][0] == kept_shapes[-1][1]  # the full path kept every position
     assert_same_training(kept.output_dir, full.output_dir, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_projector_lr_reaches_each_familys_projector(tmp_path, family):
+    """Qwen2-VL's merger sits inside `visual`, Idefics3's is `connector`: both get projector_lr."""
+    from transformers import TrainingArguments
+
+    from llava_mole import MoLEConfig, apply_mole
+    from llava_mole.adapters.inject import adapter_info
+    from tests.models.family_zoo import BY_KEY, build
+
+    model = apply_mole(build(BY_KEY[family]), MoLEConfig(rank=2, num_experts=2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=0.002, use_cpu=True, report_to="none"
+    )
+    trainer = MoLETrainer(model=model, args=args, projector_lr=0.001, router_lr=0.0001)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    projector = set(adapter_info(model).projector)
+    assert projector and by_lr[0.001] == projector
+    assert by_lr[0.0001] and all(".router." in n for n in by_lr[0.0001])

@@ -35,7 +35,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapters.inject import PROJECTOR_NAME
+from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
 from ..adapters.state import (
     get_state,
@@ -329,13 +329,17 @@ class MoLETrainer(Trainer):
             self._blocks_sharded = distributed.shard_mole_blocks(self, model or self.model) or -1
         if self.optimizer is None and (self.projector_lr is not None or self.router_lr is not None):
             model = model if model is not None else self.model
-            own_lr = {PROJECTOR_NAME: self.projector_lr, "router": self.router_lr}
+            own_lr = {"projector": self.projector_lr, "router": self.router_lr}
             groups: dict[str, list[torch.nn.Parameter]] = {"rest": [], **{k: [] for k in own_lr}}
+            info = adapter_info(model)
+            # The family's projector / connector / merger (Qwen2-VL's lives inside `visual`).
+            projector = set(info.projector) if info is not None else set()
             for name, param in model.named_parameters():
                 if param.requires_grad:
                     parts = name.split(".")
-                    key = next((k for k in own_lr if k in parts and own_lr[k] is not None), "rest")
-                    groups[key].append(param)
+                    kind = "projector" if name in projector or PROJECTOR_NAME in parts else None
+                    kind = kind or ("router" if "router" in parts else "rest")
+                    groups[kind if own_lr.get(kind) is not None else "rest"].append(param)
             lrs = {"rest": self.args.learning_rate, **own_lr}
             self.optimizer = torch.optim.AdamW(
                 [{"params": ps, "lr": lrs[k]} for k, ps in groups.items() if ps],
