@@ -394,6 +394,7 @@ def test_mole_trains_in_a_module_cast_to_bf16():
             ["train.fsdp=full_shard", "train.fsdp_config={fsdp1}"],
             "train.fsdp_config: version 1 is not supported",
         ),
+        (["train.deepspeed={zero2}"], "DeepSpeed needs a launcher"),
         (["train.deepspeed={optimizer}"], "has an 'optimizer' section"),
         (
             ["train.deepspeed={zero2}", "train.nan_policy=skip"],
@@ -404,9 +405,14 @@ def test_mole_trains_in_a_module_cast_to_bf16():
         (["train.dist_timeout=0"], "train.dist_timeout: must be > 0"),
     ],
 )
-def test_unsupported_combinations_are_one_line(tiny_world, tmp_path, capsys, settings, message):
+def test_unsupported_combinations_are_one_line(
+    tiny_world, tmp_path, capsys, monkeypatch, settings, message
+):
     """Refused before any model is loaded: exit 2, one line naming the setting."""
     from llava_mole.cli import main
+
+    if message != "DeepSpeed needs a launcher":
+        monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun with one process
 
     files = {
         "zero2": CONFIGS / "deepspeed-zero2.json",

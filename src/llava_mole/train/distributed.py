@@ -129,6 +129,12 @@ def _check_deepspeed(config: TrainConfig) -> None:
         )
     ds = deepspeed_config(config)
     assert ds is not None
+    if "LOCAL_RANK" not in os.environ:
+        raise ConfigError(
+            "train.deepspeed: DeepSpeed needs a launcher that starts its process group: "
+            "torchrun --nproc_per_node N -m llava_mole.cli train ... (N = 1 works) or "
+            "accelerate launch"
+        )
     for section, what in (
         (
             "optimizer",
