@@ -157,14 +157,15 @@ def _train_locked(config: TrainConfig) -> TrainResult:
         atomic_write_bytes(out / RUN_CONFIG, config.to_yaml().encode())
     trainer, stopper, monitor = _setup_trainer(config, model, processor, dataset, report, args)
     started = time.perf_counter()
+    say = print if args.process_index == 0 else (lambda *a, **k: None)  # once under torchrun
     if plan.kind == "finalize":
-        print(f"{plan.checkpoint.name} is the end of the schedule: writing the final adapter")
+        say(f"{plan.checkpoint.name} is the end of the schedule: writing the final adapter")
         trainer._load_from_checkpoint(str(plan.checkpoint))
         trainer.state = TrainerState.load_from_json(str(plan.checkpoint / TRAINER_STATE))
     else:
         if plan.checkpoint is not None:
             state = read_trainer_state(plan.checkpoint)
-            print(
+            say(
                 f"resuming {out} from {plan.checkpoint.name} "
                 f"(step {state['global_step']} of {state.get('max_steps')})",
                 flush=True,
