@@ -23,39 +23,12 @@ GB = 1e9
 def llava_7b_counts(adapter: str) -> tuple[int, int]:
     """``(frozen, trainable)`` parameter counts of LLaVA-1.5-7B with the paper's adapter."""
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     from llava_mole import MoLEConfig, apply_mole
+    from llava_mole.models.reference import llava_15_7b_config
 
-    config = LlavaConfig(
-        text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        ),
-        image_token_id=32000,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    config = llava_15_7b_config()
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     apply_mole(model, MoLEConfig(mode=adapter, rank=32, alpha=64, num_experts=3, top_k=1))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from llava_mole import MoLEConfig, apply_mole, load_adapter, save_adapter
 from llava_mole.adapters import AdapterError, LoRALinear, MoLEMLP, count_trainable
@@ -125,28 +125,9 @@ def test_export_refuses_real_mole(tmp_path):
 
 
 def test_llava_15_7b_size_on_meta_device():
-    config = LlavaConfig(
-        text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        ),
-        image_token_id=32000,
-        vision_feature_layer=-2,
-        projector_hidden_act="gelu",
-    )
+    from llava_mole.models.reference import llava_15_7b_config
+
+    config = llava_15_7b_config()
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     k, r, d, ff, layers = 3, 32, 4096, 11008, 32
