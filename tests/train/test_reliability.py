@@ -37,7 +37,11 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_world, tmp_
     ]
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("{}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+    }
 
     def command(out):
         items = base_overrides(tiny_world, out) + steps

@@ -48,7 +48,11 @@ def _same_adapter(a: Path, b: Path) -> bool:
 
 def test_a_second_run_on_a_busy_folder_refuses_naming_the_holder(tiny_world, tmp_path, capsys):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+    }
     items = base_overrides(tiny_world, out, max_steps=400, save_steps=0)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("{}\n")
@@ -89,7 +93,7 @@ def test_lock_is_exclusive_and_released_on_exit(tmp_path):
             ],
             capture_output=True,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])},
         )
         assert holder.returncode != 0 and "RunLockedError" in holder.stderr
         assert f"pid {os.getpid()}" in holder.stderr
