@@ -10,6 +10,9 @@ differ between experts, so the block either
   next to the model width this costs about as much as LoRA and needs no permutation, which makes
   it the right choice for short inputs (generation) and for ``top_k > 1``.
 
+This module holds the routing and the tensor operations of each path; :mod:`.experts` wraps
+each path as a strategy that :class:`~llava_mole.adapters.mole.MoLEMLP` composes with.
+
 Permutations are :class:`PermuteRows` so that their backward is a gather with the inverse
 permutation instead of the scatter-add that ``x[order]`` would use (much slower on GPU). Nothing
 in the ``grouped_mm`` and ``dense`` paths synchronises host and device.

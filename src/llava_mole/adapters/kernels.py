@@ -19,7 +19,8 @@ re-layout, expand, add). This is the per-token gather-matvec of Punica's BGMV
 (https://arxiv.org/abs/2310.18547); tokens never need to be grouped by expert.
 
 The kernels are forward-only (no autograd): :class:`~llava_mole.adapters.mole.MoLEMLP` uses them
-with ``dispatch="triton"`` when no gradient is needed, and the PyTorch paths otherwise. Under
+(strategy :class:`~llava_mole.adapters.experts.TritonExperts`) with ``dispatch="triton"`` when
+no gradient is needed, and the PyTorch paths otherwise. Under
 ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests) the autotuner, which needs
 a GPU, is replaced by one fixed configuration.
 """

@@ -1,13 +1,27 @@
-"""Sparse mixture of LoRA experts on a SwiGLU MLP block (LLaVA-MoLE, arXiv 2401.16160).
+"""Sparse mixture of LoRA experts on a SwiGLU MLP block.
+
+LLaVA-MoLE (Chen et al., 2024, https://arxiv.org/abs/2401.16160).
 
 For an MLP ``down(act(gate(x)) * up(x))`` with frozen projections, a router
 ``R: Linear(d_model, K)`` gives ``p = softmax(R x)`` (float32), the token goes to expert
 ``e = argmax p`` with gate ``g = p_e`` (raw, not renormalised, so the LM loss trains the router),
 and every adapted projection ``P`` becomes
 
-    P(h) + g * (alpha / r) * B_P^e A_P^e h
+    P(h) + g * (alpha / r) * B_P^e A_P^e dropout(h)
 
 with the same ``e`` for gate, up and down (``down`` sees the SwiGLU product of that token).
+With ``top_k > 1`` the token sums the deltas of its ``k`` most probable experts, each gated by
+its probability (renormalised over the ``k`` if ``normalize_top_k``); with
+``gate_weighting="none"`` every gate is 1 and the router learns from the balance loss only.
+
+One forward for training and inference (:meth:`MoLEMLP.forward`):
+
+1. routing, once: router logits, top-k, gate weights (:func:`.dispatch.route`) and the
+   balance / z-loss terms of this forward recorded in the model's :class:`.state.MoLEState`;
+2. a dispatch strategy for this forward (:mod:`.experts`, picked by
+   :func:`.dispatch.choose_path`): how the expert deltas meet their tokens;
+3. one SwiGLU composition; each projection is ``P_base(h)`` plus the strategy's deltas.
+
 The base projections run once over all tokens; only the rank-r deltas depend on the expert.
 """
 
@@ -17,18 +31,9 @@ import torch
 from torch import nn
 
 from .config import MoLEConfig
-from .dispatch import (
-    ExpertGrouping,
-    choose_path,
-    dense_shrink,
-    permute_rows,
-    route,
-    router_logits,
-    sorted_lora_delta,
-    sorted_shrink,
-)
-from .kernels import gathered_lora_add_
-from .lora import add_expand_, init_lora_pair, lora_shrink
+from .dispatch import Routing, choose_path, route, router_logits
+from .experts import ExpertDeltas, SingleExpert, expert_deltas
+from .lora import init_lora_pair
 from .state import MoLEState
 
 
@@ -130,100 +135,70 @@ class MoLEMLP(nn.Module):
         return logits.scatter(1, experts.unsqueeze(1), 30.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on ``(..., d)`` tokens: route, then one SwiGLU composition (module doc)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        deltas = self._expert_deltas(flat, tuple(shape[:-1]))
+        h = deltas.enter(flat)
+        shared = deltas.shares_dropout
+        h_drop = self.dropout(h) if shared else None
+        mid = self.act_fn(self._project("gate_proj", h, h_drop, deltas, True))
+        mid = mid * self._project("up_proj", h, h_drop, deltas, True)
+        mid_drop = self.dropout(mid) if shared else None
+        out = deltas.leave(self._project("down_proj", mid, mid_drop, deltas, False))
+        return out.view(*shape[:-1], -1)
+
+    def _project(
+        self,
+        name: str,
+        h: torch.Tensor,
+        h_drop: torch.Tensor | None,
+        deltas: ExpertDeltas,
+        of_input: bool,
+    ) -> torch.Tensor:
+        """``P_base(h)`` plus, for an adapted projection, its expert deltas."""
+        y = getattr(self, name)(h)
+        if name not in self.lora_A:
+            return y
+        if h_drop is None:  # a dropout draw of its own, after the base projection (as LoRA)
+            h_drop = self.dropout(h)
+        return deltas.add(name, y, h, h_drop, of_input)
+
+    def _expert_deltas(self, flat: torch.Tensor, batch_shape: tuple[int, ...]) -> ExpertDeltas:
+        """Route ``flat`` (recording the loss terms) and pick the dispatch strategy.
+
+        ``batch_shape`` is the leading shape of the block input (``(B, T)``), for the state.
+        """
         if self.router is None and not self.routes_by_domain:
-            return self._forward_single(flat).view(*shape[:-1], -1)
+            return SingleExpert(self.lora_A, self.lora_B, self.scaling, self._fuse)
         top_k = self.top_k
         if self.training and self.state is not None and self.state.dense_routing:
             top_k = self.num_experts  # dense warmup: every expert, weighted by its probability
-        logits, routing = self.route(flat, top_k)
-        if self.state is not None:
-            self.state.record(self.block_index, logits, routing, tuple(shape[:-1]))
+        routing = self._route_and_record(flat, top_k, batch_shape)
+        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         requested = self.dispatch
-        if requested == "triton" and self.training and isinstance(self.dropout, nn.Dropout):
+        if requested == "triton" and dropout_active:
             requested = "auto"  # the kernels apply no dropout
         path = choose_path(requested, flat, self.num_experts, self.rank, top_k)
-        if path == "triton":
-            out = self._forward_triton(flat, routing)
-        elif path == "dense":
-            out = self._forward_dense(flat, routing.dense_weights())
-        else:
-            out = self._forward_grouped(flat, routing, path)
-        return out.view(*shape[:-1], -1)
+        return expert_deltas(
+            path,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            self._fuse,
+            routing,
+            self.num_experts,
+            dropout_active,
+        )
 
-    def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
-        # Same operations, in the same order, as LoRALinear on each projection.
-        def proj(name: str, h: torch.Tensor) -> torch.Tensor:
-            y = getattr(self, name)(h)
-            if name in self.lora_A:
-                a, b = self.lora_A[name][0], self.lora_B[name][0]
-                h_a = lora_shrink(self.dropout(h), a, self.scaling)
-                y = add_expand_(y, h_a, b, in_place=self._fuse)
-            return y
-
-        h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
-        return proj("down_proj", h)
-
-    def _forward_dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # Scale and cast the gate once for the three projections (fewer small kernels: at
-        # generation sizes on GPU the block's time is mostly kernel launches).
-        dtype = next(iter(self.lora_A.values())).dtype
-        gate = (weights * self.scaling).to(dtype)
-
-        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor) -> torch.Tensor:
-            y = getattr(self, name)(h)
-            if name in self.lora_A:
-                shrunk, b_cat = dense_shrink(h_drop, self.lora_A[name], self.lora_B[name], gate)
-                y = add_expand_(y, shrunk, b_cat, in_place=self._fuse)
-            return y
-
-        x_drop = self.dropout(x)
-        h = self.act_fn(proj("gate_proj", x, x_drop)) * proj("up_proj", x, x_drop)
-        return proj("down_proj", h, self.dropout(h))
-
-    def _forward_triton(self, x: torch.Tensor, routing) -> torch.Tensor:
-        # Inference only (no autograd): each base projection's fresh output gets its expert
-        # deltas added in place by two fused kernels; tokens stay in their order.
-        experts, gate = routing.experts[:, 0], routing.weights[:, 0]
-
-        def proj(name: str, h: torch.Tensor) -> torch.Tensor:
-            y = getattr(self, name)(h)
-            if name in self.lora_A:
-                a, b = self.lora_A[name], self.lora_B[name]
-                gathered_lora_add_(y, h, a, b, experts, gate, self.scaling)
-            return y
-
-        h = self.act_fn(proj("gate_proj", x)) * proj("up_proj", x)
-        return proj("down_proj", h)
-
-    def _forward_grouped(self, x: torch.Tensor, routing, path: str) -> torch.Tensor:
-        grouping = ExpertGrouping.from_experts(routing.experts[:, 0], self.num_experts)
-        # The whole block runs in expert order: one permutation in, one out.
-        xs = permute_rows(x, grouping.order, grouping.inverse)
-        gs = permute_rows(routing.weights, grouping.order, grouping.inverse)
-
-        # Without dropout, gate and up shrink the unsorted input so that autograd keeps x (the
-        # router keeps it anyway) rather than the sorted copy.
-        dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
-
-        def proj(name: str, h: torch.Tensor, h_drop: torch.Tensor, unsorted=None) -> torch.Tensor:
-            y = getattr(self, name)(h)
-            if name in self.lora_A:
-                a, b = self.lora_A[name], self.lora_B[name]
-                shrunk = None
-                if unsorted is not None and not dropout_active:
-                    shrunk = sorted_shrink(unsorted, a, grouping, path)
-                y = y + sorted_lora_delta(
-                    h_drop, a, b, gs, self.scaling, grouping, path, shrunk=shrunk
-                ).to(y.dtype)
-            return y
-
-        xs_drop = self.dropout(xs) if dropout_active else xs
-        gate_out = proj("gate_proj", xs, xs_drop, unsorted=x)
-        hs = self.act_fn(gate_out) * proj("up_proj", xs, xs_drop, unsorted=x)
-        ys = proj("down_proj", hs, self.dropout(hs))
-        return permute_rows(ys, grouping.inverse, grouping.order)
+    def _route_and_record(
+        self, flat: torch.Tensor, top_k: int, batch_shape: tuple[int, ...]
+    ) -> Routing:
+        """The router's decision for ``flat``, its balance / z-loss terms recorded in the state."""
+        logits, routing = self.route(flat, top_k)
+        if self.state is not None:
+            self.state.record(self.block_index, logits, routing, batch_shape)
+        return routing
 
     def extra_repr(self) -> str:
         return (
