@@ -104,8 +104,8 @@ class SingleExpert(ExpertDeltas):
     def add(
         self, name: str, y: torch.Tensor, h: torch.Tensor, h_drop: torch.Tensor, of_input: bool
     ) -> torch.Tensor:
-        h_a = lora_shrink(h_drop, self.lora_a[name][0], self.scaling)
-        return add_expand_(y, h_a, self.lora_b[name][0], in_place=self.fuse)
+        a, b = self.lora_a[name][0], self.lora_b[name][0]
+        return add_expand_(y, lora_shrink(h_drop, a, self.scaling), b, in_place=self.fuse)
 
 
 class DenseExperts(ExpertDeltas):
@@ -165,8 +165,9 @@ class GroupedExperts(ExpertDeltas):
         # One permutation in (and one out, in :meth:`leave`) for the whole block.
         g = self.grouping
         self.unsorted = x
+        sorted_rows = permute_rows(x, g.order, g.inverse)
         self.gate_sorted = permute_rows(self.weights, g.order, g.inverse)
-        return permute_rows(x, g.order, g.inverse)
+        return sorted_rows
 
     def leave(self, y: torch.Tensor) -> torch.Tensor:
         return permute_rows(y, self.grouping.inverse, self.grouping.order)
