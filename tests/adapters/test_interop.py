@@ -22,7 +22,7 @@ from llava_mole.adapters.merge import merge_and_save, merge_and_unload
 from llava_mole.adapters.moe_export import export_moe
 from llava_mole.adapters.peft_export import export_peft
 from llava_mole.adapters.state import enable_routing_stats, routing_stats
-from tests.conftest import build_llama, build_llava, llava_batch, randomize_adapter
+from tests.tiny_models import build_llama, build_llava, llava_batch, randomize_adapter
 
 
 def adapted(mode: str = "mole", **kw) -> torch.nn.Module:

@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration
 from llava_mole import MoLEConfig, apply_mole, load_adapter, save_adapter
 from llava_mole.adapters import AdapterError, LoRALinear, MoLEMLP, count_trainable
 from llava_mole.adapters.peft_export import export_peft
-from tests.conftest import build_llava, llava_batch, randomize_adapter
+from tests.tiny_models import build_llava, llava_batch, randomize_adapter
 
 
 def cfg(**kw):

@@ -17,8 +17,8 @@ from llava_mole import MoLEConfig, apply_mole, mole_aux_loss
 from llava_mole.adapters import LoRALinear, MoLEMLP, load_adapter, save_adapter
 from llava_mole.adapters.inject import adapter_info
 from llava_mole.models.families import family_of, projector_roots, under, vision_roots
-from tests.conftest import randomize_adapter
 from tests.models import family_zoo as zoo
+from tests.tiny_models import randomize_adapter
 
 ADAPTERS = {
     "mole-loop": dict(mode="mole", dispatch="loop"),

@@ -323,7 +323,7 @@ def test_global_routing_terms_equal_one_process(balance_loss):
     whole batch's; with padding, so tokens are weighted by count, not by rank."""
     from llava_mole import MoLEConfig, apply_mole
     from llava_mole.adapters.state import mole_aux_terms
-    from tests.conftest import build_llava, llava_batch
+    from tests.tiny_models import build_llava, llava_batch
 
     model = build_llava()
     config = MoLEConfig(rank=4, num_experts=3, router_z_coef=1e-3, balance_loss=balance_loss)
@@ -364,7 +364,7 @@ def test_mole_trains_in_a_module_cast_to_bf16():
     optimizer): the router still computes float32 logits, and gradients reach every trainable
     tensor. Before, the float32 router product failed on the bf16 weight at the first step."""
     from llava_mole import MoLEConfig, apply_mole, mole_aux_loss
-    from tests.conftest import build_llava, llava_batch, randomize_adapter
+    from tests.tiny_models import build_llava, llava_batch, randomize_adapter
 
     model = build_llava()
     apply_mole(model, MoLEConfig(rank=4, num_experts=3))
