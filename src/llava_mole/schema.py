@@ -33,7 +33,7 @@ message is the rule (``must be >= 1``).
 
 API (stable; other modules build on it): :class:`SchemaError`, :class:`Schema`,
 :data:`SCHEMA_CONFIG`, :func:`section`, :data:`Int`, :data:`Float`, :data:`Bool`,
-:data:`Str`, :data:`StrList`, :func:`at_least`, :func:`above`, :func:`between`,
+:data:`Str`, :data:`StrList`, :data:`StrTuple`, :func:`at_least`, :func:`above`, :func:`between`,
 :func:`read_yaml`, :func:`apply_overrides`, :func:`validate`, :func:`load`,
 :func:`error_line`, :func:`did_you_mean`.
 """
@@ -60,6 +60,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
 T = TypeVar("T")
@@ -73,6 +74,7 @@ __all__ = [
     "SchemaError",
     "Str",
     "StrList",
+    "StrTuple",
     "above",
     "apply_overrides",
     "at_least",
@@ -120,6 +122,8 @@ Float = Annotated[float, BeforeValidator(_number), Strict()]
 """A number: ints, floats and numeric strings (``2e-3``); not a bool."""
 StrList = Annotated[list[Str], BeforeValidator(_one_or_many)]
 """A list of strings; one string is a one-item list."""
+StrTuple = Annotated[tuple[Str, ...], BeforeValidator(_one_or_many)]
+""":data:`StrList` as a tuple (for frozen-looking dataclass fields)."""
 
 
 def _rule(text: str, ok: Any, hint: str = "") -> AfterValidator:
@@ -193,6 +197,16 @@ _UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
 _TAG = re.compile(r"^(str|int|float|bool|none|list|tuple|dict|.*[\[\-].*)$")
 
 
+def _one_of(expected: str, value: Any) -> str:
+    """``must be one of 'a' or 'b'``; a long list shortened to the closest choice."""
+    choices = re.findall(r"'([^']*)'", expected)
+    if len(choices) <= 8:
+        return f"must be one of {expected}"
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"not one of the {len(choices)} choices ({', '.join(choices[:4])}, ...{hint})"
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest known name, or ``(known: a, b, ...)``."""
     known = sorted(set(known))
@@ -227,8 +241,17 @@ def _known_at(tp: Any, loc: Sequence[Any]) -> list[str]:
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return list(tp.model_fields)
     if dataclasses.is_dataclass(tp):
-        return [f.name for f in dataclasses.fields(tp) if f.init]
+        hints = typing.get_type_hints(tp, include_extras=True)
+        return [_alias(hints.get(f.name)) or f.name for f in dataclasses.fields(tp) if f.init]
     return []
+
+
+def _alias(hint: Any) -> str | None:
+    """The pydantic alias in an ``Annotated[..., Field(alias=...)]`` hint."""
+    for meta in getattr(hint, "__metadata__", ()):
+        if isinstance(meta, FieldInfo) and meta.alias:
+            return meta.alias
+    return None
 
 
 def _field_types(tp: Any) -> dict[str, Any]:
@@ -257,8 +280,8 @@ def error_line(err: ValidationError, tp: Any = None, root: str = "") -> str:
         return f"{where}: required"
     if kind == "value_error":
         return str(first["ctx"]["error"])
-    if kind == "literal_error":
-        return f"{where}: must be one of {first['ctx']['expected']} (got {value!r})"
+    if kind in ("literal_error", "enum"):
+        return f"{where}: {_one_of(first['ctx']['expected'], value)} (got {value!r})"
     if value is None and kind in _EXPECTED:
         return f"{where}: must not be null"
     return f"{where}: {_EXPECTED.get(kind, first['msg'])} (got {value!r})"
