@@ -146,3 +146,30 @@ def test_did_you_mean():
         " (did you mean 'learning_rate'?)"
     )
     assert schema.did_you_mean("zzz", ["a", "b"]) == " (known: a, b)"
+
+
+class Holder(schema.Schema):
+    plain: Plain = Plain()
+
+
+def test_a_class_rule_is_named_by_its_location():
+    with pytest.raises(SchemaError, match=r"^cfg.plain.size: must be <= 10$"):
+        schema.validate(Holder, {"plain": {"size": 11}}, root="cfg")
+
+
+class MyError(SchemaError):
+    pass
+
+
+@schema.section(error=MyError)
+class Strict:
+    count: schema.Int = 1
+    sec: Sec = field(default_factory=Sec)
+
+
+def test_section_construction_raises_its_error_class_in_one_line():
+    with pytest.raises(MyError, match=r"^count: expected an integer \(got 'x'\)$"):
+        Strict(count="x")
+    with pytest.raises(MyError, match=r"^sec.count: expected an integer"):
+        Strict(sec={"count": 1.5})
+    assert Strict(sec={"rate": "1e-3"}).sec.rate == pytest.approx(1e-3)

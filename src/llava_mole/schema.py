@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -165,13 +166,29 @@ class Schema(BaseModel):
     model_config = SCHEMA_CONFIG
 
 
-def section(cls: type[T]) -> type[T]:
+def section(cls: type[T] | None = None, *, error: type[SchemaError] | None = None) -> Any:
     """Class decorator: a pydantic dataclass with :data:`SCHEMA_CONFIG`.
 
     For config sections that other code also uses as dataclasses (``dataclasses.fields``,
-    ``dataclasses.asdict``, keyword construction, which is validated too).
+    ``dataclasses.asdict``). Keyword construction is validated too and raises ``error``
+    (default :class:`SchemaError`) with the one-line message. Use as ``@section`` or
+    ``@section(error=MyConfigError)``.
     """
-    return pydantic.dataclasses.dataclass(cls, config=SCHEMA_CONFIG)
+    if cls is None:
+        return functools.partial(section, error=error)
+    built = pydantic.dataclasses.dataclass(cls, config=SCHEMA_CONFIG)
+    validated_init = built.__init__
+    kind = error or SchemaError
+
+    @functools.wraps(validated_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            validated_init(self, *args, **kwargs)
+        except ValidationError as err:
+            raise kind(error_line(err, built)) from None
+
+    built.__init__ = __init__
+    return built
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -194,6 +211,7 @@ _EXPECTED = {
 }
 _UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
 # Union members show up in error locations as type tags ('str', 'function-after[...]').
+_CLASS_PREFIX = re.compile(r"^[A-Z]\w*\.(?=\w)")
 _TAG = re.compile(r"^(str|int|float|bool|none|list|tuple|dict|.*[\[\-].*)$")
 
 
@@ -279,7 +297,9 @@ def error_line(err: ValidationError, tp: Any = None, root: str = "") -> str:
     if kind == "missing":
         return f"{where}: required"
     if kind == "value_error":
-        return str(first["ctx"]["error"])
+        # A class's own rules name the field as ``ClassName.field``: say where it is instead.
+        message = str(first["ctx"]["error"])
+        return _CLASS_PREFIX.sub(f"{where}.", message, count=1) if loc or root else message
     if kind in ("literal_error", "enum"):
         return f"{where}: {_one_of(first['ctx']['expected'], value)} (got {value!r})"
     if value is None and kind in _EXPECTED:

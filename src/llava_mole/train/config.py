@@ -272,7 +272,7 @@ def adapter_to_dict(adapter: MoLEConfig) -> dict[str, Any]:
     return data
 
 
-@section
+@section(error=ConfigError)
 class TrainConfig:
     """The whole training config (``model``, ``data``, ``adapter``, ``train``, ``output_dir``)."""
 
@@ -367,7 +367,6 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     try:
         config = schema.validate(TrainConfig, data)
     except SchemaError as err:
-        # MoLEConfig's own rules name their field as MoLEConfig.<field>.
-        raise ConfigError(str(err).replace("MoLEConfig.", "adapter.")) from None
+        raise ConfigError(str(err)) from None
     config.validate()
     return config
