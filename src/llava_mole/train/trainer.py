@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
@@ -50,12 +49,9 @@ from .checkpoints import (
     rotate_checkpoints,
     write_failure,
 )
+from .guards import GradientGuard, NonFiniteLossError, _all_finite  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("llava_mole.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A NaN/Inf loss or gradient under ``nan_policy: stop``."""
 
 
 def token_cross_entropy(
@@ -137,7 +133,7 @@ class MoLETrainer(CompatTrainer):
         self.skipped_steps: list[int] = []
         self.tokens_seen = 0
         self._reset_accumulators()
-        self.add_callback(_GradientGuard(self))
+        self.add_callback(GradientGuard(self))
         self.add_callback(DenseRoutingWarmup(self.router_dense_warmup))
         self.shard_report: dict[str, Any] | None = None
         self._aux_sync = distributed.aux_sync(self)
@@ -230,31 +226,38 @@ class MoLETrainer(CompatTrainer):
             loss = loss + terms.loss / ga_steps
 
         if model.training:
-            self._accumulate("lm_sum", lm_sum)
-            self._accumulate("lm_count", local_count)
-            self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
-            # Kept on the device: int() here would synchronise host and device every step.
-            mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
-            self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
-            if terms.balance is not None:
-                self._accumulate("balance_sum", terms.balance)
-            if terms.load is not None:
-                self._accumulate("load_sum", terms.load)
-            if self.log_domain_loss and domain_ids is not None and self.domains:
-                domains = domain_ids.to(lm_sum.device)
-                per_sample = token_loss.sum(1).detach().float()
-                counts = valid.sum(1)
-                d = len(self.domains)
-                self._accumulate(
-                    "domain_sum",
-                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample),
-                )
-                self._accumulate(
-                    "domain_count",
-                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts),
-                )
+            self._record(
+                inputs, labels, domain_ids, token_loss, valid, (lm_sum, local_count), terms
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, inputs, labels, domain_ids, token_loss, valid, sums, terms) -> None:
+        """Add a training micro-batch's sums to what the next log line reports."""
+        lm_sum, local_count = sums
+        self._accumulate("lm_sum", lm_sum)
+        self._accumulate("lm_count", local_count)
+        self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
+        # Kept on the device: int() here would synchronise host and device every step.
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
+        self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
+        if terms.balance is not None:
+            self._accumulate("balance_sum", terms.balance)
+        if terms.load is not None:
+            self._accumulate("load_sum", terms.load)
+        if self.log_domain_loss and domain_ids is not None and self.domains:
+            domains = domain_ids.to(lm_sum.device)
+            per_sample = token_loss.sum(1).detach().float()
+            counts = valid.sum(1)
+            d = len(self.domains)
+            self._accumulate(
+                "domain_sum",
+                torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample),
+            )
+            self._accumulate(
+                "domain_count",
+                torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts),
+            )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -423,61 +426,6 @@ class MoLETrainer(CompatTrainer):
         """A checkpoint's adapter into ``model`` (default: the trainer's)."""
         model = model if model is not None else self.model
         load_adapter(self.accelerator.unwrap_model(model), checkpoint)
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host synchronisation).
-
-    One fused norm per tensor instead of an ``isfinite`` pass each: a non-finite element makes
-    its tensor's norm non-finite. A norm can also overflow on finite values, so only then are
-    the elements checked one by one.
-    """
-    norms = torch._foreach_norm(tensors)
-    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-class _GradientGuard(TrainerCallback):
-    """Checks gradients before each optimizer step (non-finite -> stop or skip)."""
-
-    def __init__(self, trainer: MoLETrainer) -> None:
-        self.trainer = trainer
-        self._trainable: list[torch.nn.Parameter] | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if self._trainable is None:
-            self._trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-        # FSDP2: each rank checks its gradient shards and the ranks agree (one all-reduce).
-        # DeepSpeed keeps gradients in its own buffers (p.grad is None) and steps in backward.
-        grads = [_local(p.grad) for p in self._trainable if p.grad is not None]
-        skip = getattr(trainer, "_skip_pending", False)
-        sharded = trainer.is_fsdp_enabled
-        if (grads or sharded) and not skip:
-            finite = _all_finite(grads) if grads else True
-            if sharded:
-                finite = distributed.all_ranks_true(finite, trainer.args.device)
-            if not finite:
-                step = state.global_step + 1
-                if trainer.nan_policy == "stop":
-                    raise NonFiniteLossError(trainer._nan_message("gradient", step))
-                logger.warning("non-finite gradient at step %d: skipping the step", step)
-                skip = True
-        if skip:
-            # AdamW leaves parameters without a gradient untouched: a true skip.
-            for p in trainer.model.parameters():
-                p.grad = None
-            trainer.skipped_steps.append(state.global_step + 1)
-            trainer._skip_pending = False
-        return control
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2), else the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def steps_for(num_samples: int, batch: int, accumulation: int, world: int, epochs: float) -> int:
