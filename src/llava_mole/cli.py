@@ -365,11 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tune with a MoLE or LoRA adapter from a YAML config",
         "llava-mole train configs/tiny-mole.yaml\n"
         "llava-mole train configs/tiny-lora.yaml --set train.max_steps=20 --set adapter.rank=8\n"
+        "llava-mole train configs/tiny-mole.yaml --set train.optim=adamw_torch_fused "
+        "--set train.report_to=[wandb]\n"
         "torchrun --nproc_per_node 2 -m llava_mole.cli train configs/tiny-mole.yaml",
     )
     p.add_argument("config", help="training YAML (see configs/)")
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)"
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, parsed as YAML (repeatable); train.* also takes any "
+        "transformers TrainingArguments field",
     )
 
     p = add(
@@ -511,6 +517,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .adapters.inject import AdapterError
     from .data.formats import DataError
     from .models.loading import ModelLoadError
+    from .schema import SchemaError
     from .study.compare import StudyWorkersError
     from .train.config import ConfigError
     from .train.lock import RunLockedError
@@ -518,6 +525,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError,
+        SchemaError,
         AdapterError,
         DataError,
         ModelLoadError,

@@ -10,7 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from ..schema import SCHEMA_CONFIG, Bool, Float, Int, Str, StrTuple
 
 AdapterMode = Literal["mole", "lora"]
 GateWeighting = Literal["prob", "none"]
@@ -66,25 +70,29 @@ class MoLEConfig:
             mixture).
     """
 
-    mode: AdapterMode = "mole"
-    rank: int = 16
-    mlp_rank: int | None = None
-    alpha: float = 32.0
-    dropout: float = 0.05
-    num_experts: int = 3
-    top_k: int = 1
-    normalize_top_k: bool = False
-    balance_coef: float = 0.01
-    router_z_coef: float = 0.0
+    # The field types are the schema's (:mod:`llava_mole.schema`): ``adapter:`` of a training
+    # YAML is validated as this class. In YAML, ``mode`` is written ``type``.
+    __pydantic_config__ = SCHEMA_CONFIG
+
+    mode: Annotated[AdapterMode, Field(alias="type")] = "mole"
+    rank: Int = 16
+    mlp_rank: Int | None = None
+    alpha: Float = 32.0
+    dropout: Float = 0.05
+    num_experts: Int = 3
+    top_k: Int = 1
+    normalize_top_k: Bool = False
+    balance_coef: Float = 0.01
+    router_z_coef: Float = 0.0
     gate_weighting: GateWeighting = "prob"
     balance_loss: BalanceLoss = "switch"
-    attn_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    mlp_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    target_tree: str | None = None
-    train_projector: bool = True
+    attn_targets: StrTuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp_targets: StrTuple = ("gate_proj", "up_proj", "down_proj")
+    target_tree: Str | None = None
+    train_projector: Bool = True
     dispatch: Dispatch = "auto"
     router: Router = "linear"
-    router_domains: tuple[str, ...] = ()
+    router_domains: StrTuple = ()
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +172,11 @@ class MoLEConfig:
             bad("router", "'domain' routing needs num_experts >= 2")
         if len(self.router_domains) > self.num_experts:
             bad("router_domains", f"more domains than experts ({self.num_experts})")
+
+    @property
+    def type(self) -> AdapterMode:
+        """``mode`` under its YAML name (``adapter.type``)."""
+        return self.mode
 
     @property
     def mlp_lora_rank(self) -> int:

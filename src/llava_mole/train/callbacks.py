@@ -1,4 +1,4 @@
-"""Trainer callbacks: JSONL log, router-collapse warning, stop-after-N-steps."""
+"""Trainer callbacks: JSONL log, router-collapse warning, stop-after-N-steps, dense warmup."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections import deque
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from ..adapters.state import set_dense_routing
 
 logger = logging.getLogger("llava_mole.train")
 
@@ -69,3 +71,19 @@ class StopAfterSteps(TrainerCallback):
             control.should_training_stop = True
             self.stopped = True
         return control
+
+
+class DenseRoutingWarmup(TrainerCallback):
+    """Dense MoLE routing for the first ``share`` of the optimizer steps, then top-k.
+
+    Decided at the start of every optimizer step from the step counter, so a resumed run
+    continues in the right phase; ``share == 0`` keeps top-k routing throughout (see
+    ``llava_mole.adapters.state.set_dense_routing`` for the dense phase's gradient).
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = float(share)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_dense_routing(model, state.global_step < self.share * state.max_steps)

@@ -1,38 +1,56 @@
-"""The training YAML: five top-level sections, strictly validated.
+"""The training YAML: five top-level sections, validated by :mod:`llava_mole.schema`.
 
 ```yaml
 model: {path: llava-mole-work/tiny-llava, dtype: float32}
 data: {mixture: llava-mole-work/data/mixture.yaml}
 adapter: {type: mole, rank: 4, alpha: 8, num_experts: 3}
-train: {learning_rate: 2.0e-4, max_steps: 200, per_device_batch_size: 8}
+train: {learning_rate: 2.0e-4, max_steps: 200, per_device_batch_size: 8, optim: adamw_torch}
 output_dir: runs/tiny-mole
 ```
 
-Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key. ``--set
-train.max_steps=20`` style overrides are applied before validation.
+``adapter:`` *is* :class:`llava_mole.MoLEConfig` (``type`` is its ``mode``). ``train:`` holds
+this recipe's settings (:class:`TrainSection`, :class:`MoLESettings`) and any other
+``transformers.TrainingArguments`` field, passed through (:mod:`.arguments`). Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError`, one line naming the dotted key.
+``--set train.max_steps=20`` style overrides are applied before validation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_core import ArgsKwargs
 
+from .. import schema
 from ..adapters.config import MoLEConfig
 from ..paths import not_found_or, path_problem
+from ..schema import (
+    SCHEMA_CONFIG,
+    Bool,
+    Float,
+    Int,
+    SchemaError,
+    Str,
+    StrList,
+    above,
+    at_least,
+    between,
+    section,
+)
 
 
-class ConfigError(ValueError):
+class ConfigError(SchemaError):
     """A training config problem; the message names the key."""
 
 
-@dataclass
+@section
 class ModelSection:
     """Base model.
 
@@ -43,13 +61,13 @@ class ModelSection:
         attn_implementation: e.g. ``sdpa`` or ``eager``; ``null`` lets transformers choose.
     """
 
-    path: str = ""
+    path: Str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    trust_remote_code: Bool = False
+    attn_implementation: Str | None = None
 
 
-@dataclass
+@section
 class DataSection:
     """Training data.
 
@@ -62,53 +80,18 @@ class DataSection:
         group_by_length: LLaVA's modality/length-grouped sampling.
     """
 
-    mixture: str = ""
-    split: str = "train"
-    strict: bool | None = None
-    max_length: int | None = None
-    group_by_length: bool = False
+    mixture: Str = ""
+    split: Str = "train"
+    strict: Bool | None = None
+    max_length: Annotated[Int | None, at_least(1)] = None
+    group_by_length: Bool = False
 
 
 @dataclass
-class AdapterSection:
-    """The adapter (see :class:`llava_mole.MoLEConfig`); ``type`` is ``lora`` or ``mole``."""
-
-    type: Literal["lora", "mole"] = "mole"
-    rank: int = 16
-    mlp_rank: int | None = None
-    alpha: float = 32.0
-    dropout: float = 0.05
-    num_experts: int = 3
-    top_k: int = 1
-    normalize_top_k: bool = False
-    balance_coef: float = 0.01
-    router_z_coef: float = 0.0
-    gate_weighting: Literal["prob", "none"] = "prob"
-    balance_loss: Literal["switch", "official"] = "switch"
-    attn_targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
-    mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    target_tree: str | None = None
-    train_projector: bool = True
-    dispatch: Literal["auto", "loop", "grouped_mm", "dense", "triton"] = "auto"
-    router: Literal["linear", "domain"] = "linear"
-
-    def to_mole_config(self) -> MoLEConfig:
-        data = dataclasses.asdict(self)
-        data["mode"] = data.pop("type")
-        try:
-            return MoLEConfig(**data)
-        except ValueError as err:
-            raise ConfigError(str(err).replace("MoLEConfig.", "adapter.")) from None
-
-
-@dataclass
-class TrainSection:
-    """Optimisation and run control.
+class MoLESettings:
+    """Training settings of a MoLE / LoRA run that ``TrainingArguments`` has no field for.
 
     Args:
-        learning_rate: peak learning rate of the adapter.
         projector_lr: learning rate of the multimodal projector (LLaVA's ``mm_projector_lr``);
             ``null`` uses ``learning_rate``.
         router_lr: learning rate of the MoLE routers; ``null`` uses ``learning_rate``. A router's
@@ -121,6 +104,42 @@ class TrainSection:
             top-1 from step 0 a router only ever sees the expert it already chose; the dense
             phase lets it compare experts. ``0`` (the paper's recipe) turns it off; plain LoRA
             ignores it.
+        nan_policy: ``stop`` (default) or ``skip`` a step whose loss or gradients are not finite.
+        max_skipped_share: with ``nan_policy: skip``, the run fails when more than this share
+            of its steps was skipped.
+        log_domain_loss: log the LM loss per domain.
+        collapse_threshold: warn when an expert gets less than this share of tokens...
+        collapse_window: ...averaged over this many logged steps.
+        stop_after_steps: end this invocation (with a checkpoint) after this many optimizer steps
+            of the run, keeping the full schedule; resume continues it. ``0``: off.
+    """
+
+    __pydantic_config__ = SCHEMA_CONFIG
+
+    projector_lr: Annotated[Float | None, above(0)] = None
+    router_lr: Annotated[Float | None, above(0)] = None
+    router_dense_warmup: Annotated[Float, between(0, 1)] = 0.0
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped_share: Annotated[Float, between(0, 1)] = 0.25
+    log_domain_loss: Bool = True
+    collapse_threshold: Annotated[Float, between(0, 1, high_open=True)] = 0.02
+    collapse_window: Annotated[Int, at_least(1)] = 5
+    stop_after_steps: Annotated[Int, at_least(0)] = 0
+
+
+MOLE_SETTINGS = tuple(f.name for f in dataclasses.fields(MoLESettings))
+
+
+@section
+class TrainSection(MoLESettings):
+    """Optimisation and run control (plus :class:`MoLESettings`).
+
+    Any other ``transformers.TrainingArguments`` field may be given too (``optim``,
+    ``lr_scheduler_kwargs``, ``torch_compile``, ...): it is type-checked against the Trainer's
+    annotation and kept in ``trainer_args`` (see :mod:`.arguments`).
+
+    Args:
+        learning_rate: peak learning rate of the adapter.
         lr_scheduler: a transformers scheduler name (``cosine``, ``linear``, ``constant``...).
         warmup_ratio: share of steps for linear warmup.
         epochs: passes over the data (ignored when ``max_steps > 0``).
@@ -136,13 +155,8 @@ class TrainSection:
         save_total_limit: checkpoints kept (>= 1; ``null`` keeps all).
         gradient_checkpointing: non-reentrant activation checkpointing.
         num_workers: data-loader workers.
-        nan_policy: ``stop`` (default) or ``skip`` a step whose loss or gradients are not finite.
-        max_skipped_share: with ``nan_policy: skip``, the run fails when more than this share
-            of its steps was skipped.
-        collapse_threshold: warn when an expert gets less than this share of tokens...
-        collapse_window: ...averaged over this many logged steps.
-        log_domain_loss: log the LM loss per domain.
-        report_to: ``tensorboard`` and/or ``none``.
+        report_to: loggers (``tensorboard``, ``wandb``, ... any transformers integration) or
+            ``none``.
         deepspeed: path to a DeepSpeed JSON config (ZeRO-2/3; CPU processes work too).
         fsdp: transformers ``fsdp`` option string, e.g. ``"full_shard"`` (FSDP2, 2+ processes).
         fsdp_config: path to an FSDP JSON config (``configs/fsdp.json``).
@@ -151,230 +165,186 @@ class TrainSection:
             with one line instead of holding the others forever.
         resume: ``auto`` resumes from the latest checkpoint in ``output_dir``; a path resumes
             from that checkpoint; ``false`` refuses to reuse a directory holding checkpoints.
-        stop_after_steps: end this invocation (with a checkpoint) after this many optimizer steps
-            of the run, keeping the full schedule; resume continues it. ``0``: off.
+        trainer_args: the other ``TrainingArguments`` fields given (filled from the keys of
+            ``train:``; written back there by :meth:`TrainConfig.to_dict`).
     """
 
-    learning_rate: float = 2e-4
-    projector_lr: float | None = None
-    router_lr: float | None = None
-    router_dense_warmup: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    epochs: float = 1.0
-    max_steps: int = -1
-    per_device_batch_size: int = 8
-    gradient_accumulation: int = 1
+    learning_rate: Annotated[Float, above(0)] = 2e-4
+    lr_scheduler: Str = "cosine"
+    warmup_ratio: Annotated[Float, between(0, 1, high_open=True)] = 0.03
+    epochs: Float = 1.0
+    max_steps: Int = -1
+    per_device_batch_size: Annotated[Int, at_least(1)] = 8
+    gradient_accumulation: Annotated[Int, at_least(1)] = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    logging_steps: int = 10
-    save_steps: int = 0
-    save_total_limit: int | None = 2
-    gradient_checkpointing: bool = False
-    num_workers: int = 0
-    nan_policy: Literal["stop", "skip"] = "stop"
-    max_skipped_share: float = 0.25
-    collapse_threshold: float = 0.02
-    collapse_window: int = 5
-    log_domain_loss: bool = True
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    deepspeed: str | None = None
-    fsdp: str | None = None
-    fsdp_config: str | None = None
-    dist_timeout: float = 1800.0
-    resume: str | bool = "auto"
-    stop_after_steps: int = 0
+    seed: Annotated[Int, at_least(0)] = 0
+    weight_decay: Annotated[Float, at_least(0)] = 0.0
+    max_grad_norm: Annotated[Float | None, above(0, "null turns clipping off")] = 1.0
+    logging_steps: Annotated[Int, at_least(1)] = 10
+    save_steps: Annotated[Int, at_least(0)] = 0
+    save_total_limit: Annotated[Int | None, at_least(1)] = 2
+    gradient_checkpointing: Bool = False
+    num_workers: Annotated[Int, at_least(0)] = 0
+    report_to: StrList = field(default_factory=lambda: ["tensorboard"])
+    deepspeed: Str | None = None
+    fsdp: Str | None = None
+    fsdp_config: Str | None = None
+    dist_timeout: Annotated[Float, above(0)] = 1800.0
+    resume: Str | Bool = "auto"
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pass_through(cls, data: Any) -> Any:
+        """Keys that are ``TrainingArguments`` fields go to ``trainer_args``, type-checked."""
+        kwargs = data.kwargs or {} if isinstance(data, ArgsKwargs) else data
+        if not isinstance(kwargs, dict):
+            return data
+        own = {f.name for f in dataclasses.fields(cls)}
+        extra = {k: kwargs[k] for k in kwargs if k not in own}
+        if not extra:
+            return data
+        kwargs = {k: v for k, v in kwargs.items() if k in own}
+        checked = _check_trainer_args(extra, own)
+        kwargs["trainer_args"] = {**(kwargs.get("trainer_args") or {}), **checked}
+        return ArgsKwargs(data.args, kwargs) if isinstance(data, ArgsKwargs) else kwargs
 
 
-@dataclass
+def _check_trainer_args(extra: dict[str, Any], own: set[str]) -> dict[str, Any]:
+    """Refuse unknown and doubly-named keys; check each value against the Trainer's type."""
+    from pydantic import TypeAdapter
+
+    from .arguments import FIXED, RENAMED, trainer_fields
+
+    fields = trainer_fields()
+    for key, value in extra.items():
+        if key in FIXED:
+            raise ValueError(f"train.{key}: set by this recipe, not configurable")
+        if key in RENAMED:
+            raise ValueError(f"train.{key}: set train.{RENAMED[key]} instead")
+        if key not in fields:
+            hint = schema.did_you_mean(str(key), own | set(fields))
+            raise ValueError(f"train.{key}: unknown key{hint}")
+        try:
+            TypeAdapter(fields[key]).validate_python(value)
+        except ValidationError as err:
+            raise ValueError(schema.error_line(err, root=f"train.{key}")) from None
+        except Exception:  # an annotation pydantic cannot check: TrainingArguments will
+            pass
+    return extra
+
+
+_NOT_IN_YAML = ("extra",)  # the adapter file's metadata, not a setting
+
+
+def _adapter_view() -> type:
+    """``adapter:`` as a plain dataclass: ``type`` for ``mode``, lists for tuples.
+
+    Generated from :class:`MoLEConfig`'s fields (nothing re-declared); kept for
+    ``study/compare.py``, which checks and builds sections through ``dataclasses`` until it
+    moves to :mod:`llava_mole.schema`.
+    """
+    hints = typing.get_type_hints(MoLEConfig)
+    specs: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(MoLEConfig):
+        if f.name in _NOT_IN_YAML or f.name == "router_domains":
+            continue
+        name = "type" if f.name == "mode" else f.name
+        if isinstance(f.default, tuple):
+            specs.append(
+                (name, list[str], field(default_factory=functools.partial(list, f.default)))
+            )
+        else:
+            specs.append((name, hints[f.name], field(default=f.default)))
+    return dataclasses.make_dataclass("AdapterSection", specs)
+
+
+AdapterSection = _adapter_view()
+
+
+def adapter_to_dict(adapter: MoLEConfig) -> dict[str, Any]:
+    """The ``adapter:`` section of a YAML for ``adapter`` (``router_domains`` only if set)."""
+    data = adapter.to_dict()
+    data = {"type": data.pop("mode"), **data}
+    data.pop("extra", None)
+    if not data["router_domains"]:
+        data.pop("router_domains")
+    return data
+
+
+@section(error=ConfigError)
 class TrainConfig:
     """The whole training config (``model``, ``data``, ``adapter``, ``train``, ``output_dir``)."""
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    adapter: AdapterSection = field(default_factory=AdapterSection)
+    adapter: MoLEConfig = field(default_factory=MoLEConfig)
     train: TrainSection = field(default_factory=TrainSection)
-    output_dir: str = ""
+    output_dir: Str = ""
+
+    @field_validator("model", "data", "adapter", "train", mode="before")
+    @classmethod
+    def _section(cls, value: Any) -> Any:
+        """An empty section (``train:``) is the defaults; an ``AdapterSection`` its mapping."""
+        if value is None:
+            return {}
+        if isinstance(value, AdapterSection):
+            return dataclasses.asdict(value)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as the YAML mapping it came from (pass-through keys inside ``train``)."""
+        train = dataclasses.asdict(self.train)
+        train.update(train.pop("trainer_args"))
+        return {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "adapter": adapter_to_dict(self.adapter),
+            "train": train,
+            "output_dir": self.output_dir,
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def validate(self) -> None:
+        """The rules across keys (each key's own type and range were checked when it was set)."""
         if not self.model.path:
             raise ConfigError("model.path: required (a local model directory)")
         if not self.data.mixture:
             raise ConfigError("data.mixture: required (a mixture YAML)")
         if not self.output_dir:
             raise ConfigError("output_dir: required")
-        self._check_ranges()
-        if not 0 <= self.train.warmup_ratio < 1:
-            raise ConfigError(
-                f"train.warmup_ratio: must be in [0, 1) (got {self.train.warmup_ratio})"
-            )
-        if not 0 <= self.train.router_dense_warmup <= 1:
-            raise ConfigError(
-                "train.router_dense_warmup: must be in [0, 1] "
-                f"(got {self.train.router_dense_warmup})"
-            )
-        if self.train.router_dense_warmup > 0 and self.adapter.gate_weighting == "none":
+        t = self.train
+        if t.router_dense_warmup > 0 and self.adapter.gate_weighting == "none":
             raise ConfigError(
                 "train.router_dense_warmup: needs adapter.gate_weighting='prob' (with 'none' "
                 "the dense phase would sum the experts unweighted and never train the router)"
             )
-        if self.train.max_steps == 0 or self.train.max_steps < -1:
-            raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {self.train.max_steps})")
-        if self.train.max_steps == -1 and self.train.epochs <= 0:
-            raise ConfigError(f"train.epochs: must be > 0 (got {self.train.epochs})")
-        for name in self.train.report_to:
-            if name not in ("tensorboard", "none"):
-                raise ConfigError(f"train.report_to: unknown logger {name!r} (tensorboard, none)")
-        self.adapter.to_mole_config()
-
-    def _check_ranges(self) -> None:
-        """Every numeric setting inside its range (``None`` is allowed where it means 'off')."""
-        t = self.train
-        rules: list[tuple[str, Any, str, Any]] = [
-            ("data.max_length", self.data.max_length, ">=", 1),
-            ("train.per_device_batch_size", t.per_device_batch_size, ">=", 1),
-            ("train.gradient_accumulation", t.gradient_accumulation, ">=", 1),
-            ("train.logging_steps", t.logging_steps, ">=", 1),
-            ("train.save_steps", t.save_steps, ">=", 0),
-            ("train.save_total_limit", t.save_total_limit, ">=", 1),
-            ("train.stop_after_steps", t.stop_after_steps, ">=", 0),
-            ("train.num_workers", t.num_workers, ">=", 0),
-            ("train.seed", t.seed, ">=", 0),
-            ("train.collapse_window", t.collapse_window, ">=", 1),
-            ("train.learning_rate", t.learning_rate, ">", 0),
-            ("train.projector_lr", t.projector_lr, ">", 0),
-            ("train.router_lr", t.router_lr, ">", 0),
-            ("train.max_grad_norm", t.max_grad_norm, ">", 0),
-            ("train.dist_timeout", t.dist_timeout, ">", 0),
-            ("train.weight_decay", t.weight_decay, ">=", 0),
-            ("train.collapse_threshold", t.collapse_threshold, "in [0, 1)", (0, 1)),
-            ("train.max_skipped_share", t.max_skipped_share, "in [0, 1]", (0, 1)),
-        ]
-        for key, value, rule, bound in rules:
-            if value is None:
-                continue
-            if rule == ">=":
-                ok = value >= bound
-            elif rule == ">":
-                ok = value > bound
-            elif rule == "in [0, 1)":
-                ok = bound[0] <= value < bound[1]
-            else:
-                ok = bound[0] <= value <= bound[1]
-            if not ok:
-                shown = rule if rule.startswith("in") else f"{rule} {bound}"
-                hint = " (null turns clipping off)" if key == "train.max_grad_norm" else ""
-                raise ConfigError(f"{key}: must be {shown} (got {value}){hint}")
+        if t.max_steps == 0 or t.max_steps < -1:
+            raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {t.max_steps})")
+        if t.max_steps == -1 and t.epochs <= 0:
+            raise ConfigError(f"train.epochs: must be > 0 (got {t.epochs})")
+        known = _report_targets()
+        for name in t.report_to:
+            if name not in known:
+                hint = schema.did_you_mean(name, known)
+                raise ConfigError(f"train.report_to: unknown logger {name!r}{hint}")
 
 
-# ---- parsing -------------------------------------------------------------------------------
+def _report_targets() -> set[str]:
+    """What ``report_to`` accepts: the transformers integrations, ``all`` and ``none``."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_FLOAT_LITERAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key}: must be one of {list(get_args(tp))} (got {value!r})")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in get_args(tp):
-            if option is type(None):
-                if value is None:
-                    return None
-                continue
-            try:
-                return _coerce(key, value, option)
-            except ConfigError as err:
-                errors.append(err)
-        if value is None:
-            raise ConfigError(f"{key}: must not be null")
-        raise errors[0]
-    if origin is list:
-        (item,) = get_args(tp)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
-            # YAML 1.1 reads exponent literals without a dot (``5e-4``) as strings.
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"{where}: unknown key (known: {', '.join(names)})")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, key)
-        else:
-            kwargs[name] = _coerce(key, data[name], tp)
-    return cls(**kwargs)
+    return {*INTEGRATION_TO_CALLBACK, "all", "none"}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return data
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML; see :mod:`~llava_mole.schema`)."""
+    try:
+        return schema.apply_overrides(data, overrides)
+    except SchemaError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
@@ -390,12 +360,13 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
             missing = f"config file not found: {path}"
             raise ConfigError(not_found_or(path, "file", missing))
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+            data = schema.read_yaml(path)
+        except SchemaError as err:
+            raise ConfigError(str(err)) from None
     data = apply_overrides(data, overrides or [])
-    config = _build(TrainConfig, data, "")
+    try:
+        config = schema.validate(TrainConfig, data)
+    except SchemaError as err:
+        raise ConfigError(str(err)) from None
     config.validate()
     return config

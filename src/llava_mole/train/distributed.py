@@ -258,8 +258,9 @@ def enable_engine(trainer) -> None:
     FSDP on a CPU process group: accelerate (1.15) enables FSDP only for accelerator devices and
     would run DDP; FSDP2 is turned on here (torch's ``fully_shard`` supports gloo).
     """
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from ._hf_compat import set_shared_distributed_type
 
     args = trainer.args
     state = trainer.accelerator.state
@@ -282,7 +283,7 @@ def enable_engine(trainer) -> None:
             plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        set_shared_distributed_type(DistributedType.FSDP)
         trainer.is_fsdp_enabled = True
         if global_rank() == 0:
             print(

@@ -19,29 +19,30 @@ contributed its shard; ``llava-mole train`` says ``done`` after every rank has f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerState
 
+from ..adapters.config import MoLEConfig
 from ..adapters.inject import AdapterError, apply_mole
 from ..adapters.io import atomic_write_bytes
 from ..adapters.mole import MoLEMLP
 from ..data.collate import DataCollator, ModalityLengthGroupedSampler
-from ..data.mixture import build_datasets, load_mixture
+from ..data.mixture import MixtureConfig, build_datasets, load_mixture
 from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
 from ..paths import not_found_or, path_problem
 from . import distributed
+from ._hf_compat import load_checkpoint_state
+from .arguments import MoLETrainingArguments, training_arguments
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
 from .checkpoints import (
-    TRAINER_STATE,
     folder_bytes,
     is_write_failure,
     latest_checkpoint,
@@ -51,8 +52,8 @@ from .checkpoints import (
 from .config import ConfigError, TrainConfig, load_train_config
 from .lock import run_lock
 from .plots import plot_training, read_log
-from .resume import RUN_CONFIG, SUMMARY, plan_run
-from .trainer import MoLETrainer, NonFiniteLossError, warmup_steps_value
+from .resume import RUN_CONFIG, SUMMARY, RunPlan, plan_run
+from .trainer import MoLETrainer, NonFiniteLossError
 
 logger = logging.getLogger("llava_mole.train")
 
@@ -66,49 +67,14 @@ class TrainResult:
     completed: bool
 
 
-def _training_arguments(config: TrainConfig, has_cuda: bool):
-    from transformers import TrainingArguments
+@dataclass
+class _Setup:
+    """What the recipe built before training: trainer, its callbacks and the data report."""
 
-    t = config.train
-    kwargs: dict[str, Any] = dict(
-        output_dir=config.output_dir,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=warmup_steps_value(t.warmup_ratio),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm or 0.0,  # null: no clipping
-        logging_steps=t.logging_steps,
-        logging_first_step=False,
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps if t.save_steps > 0 else 500,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
-        use_cpu=not has_cuda,
-        ddp_find_unused_parameters=False,
-        ddp_timeout=int(config.train.dist_timeout),
-        # gloo only for a multi-process CPU launch (torchrun); set in a single process it asks
-        # for a process group that does not exist.
-        ddp_backend="gloo" if not has_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        report_to=[r for r in t.report_to if r != "none"] or "none",
-        dataloader_num_workers=t.num_workers,
-        deepspeed=t.deepspeed,
-        **distributed.fsdp_arguments(config),
-        disable_tqdm=False,
-        save_only_model=False,
-    )
-    if t.gradient_checkpointing:
-        kwargs["activation_checkpointing"] = True
-        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-    return TrainingArguments(**kwargs)
+    trainer: MoLETrainer
+    stopper: StopAfterSteps
+    monitor: RouterCollapseMonitor
+    report: Any
 
 
 def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) -> TrainResult:
@@ -138,6 +104,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
 
 
 def _train_locked(config: TrainConfig) -> TrainResult:
+    """The recipe: plan the folder, set up model -> data -> trainer, train, finalize."""
     from transformers import set_seed
 
     out = Path(config.output_dir)
@@ -148,48 +115,39 @@ def _train_locked(config: TrainConfig) -> TrainResult:
     set_seed(config.train.seed)
     distributed.init_process_group(config.train.dist_timeout)
     distributed.prepare_deepspeed(config)
-    model, processor, mole_config = _setup_model(config)
+    mixture = load_mixture(config.data.mixture)
+    adapter = resolve_adapter(config, mixture)  # complete before it is injected
+    model, processor = setup_model(config, adapter)
     distributed.check_model(config, model)
-    dataset, report = _setup_data(config, processor, mole_config)
-    args = _training_arguments(config, torch.cuda.is_available())
+    dataset, report = setup_data(config, mixture, processor)
+    args = training_arguments_or_error(config)
     out.mkdir(parents=True, exist_ok=True)
     if args.process_index == 0:
         atomic_write_bytes(out / RUN_CONFIG, config.to_yaml().encode())
-    trainer, stopper, monitor = _setup_trainer(config, model, processor, dataset, report, args)
+    setup = setup_trainer(config, model, processor, dataset, report, args)
     started = time.perf_counter()
-    say = print if args.process_index == 0 else (lambda *a, **k: None)  # once under torchrun
-    if plan.kind == "finalize":
-        say(f"{plan.checkpoint.name} is the end of the schedule: writing the final adapter")
-        trainer._load_from_checkpoint(str(plan.checkpoint))
-        trainer.state = TrainerState.load_from_json(str(plan.checkpoint / TRAINER_STATE))
-    else:
-        if plan.checkpoint is not None:
-            state = read_trainer_state(plan.checkpoint)
-            say(
-                f"resuming {out} from {plan.checkpoint.name} "
-                f"(step {state['global_step']} of {state.get('max_steps')})",
-                flush=True,
-            )
-        resume = str(plan.checkpoint) if plan.checkpoint else None
-        trainer.train(resume_from_checkpoint=resume)
-    wall = time.perf_counter() - started
-    tokens = trainer.accelerator.reduce(
-        torch.as_tensor(trainer.tokens_seen, dtype=torch.float32, device=args.device), "sum"
-    ).item()
-    completed = not stopper.stopped
-    summary = _summary(trainer, config, wall, tokens, report, monitor.warnings, plan.checkpoint)
-    _check_skipped(config, summary)
-    if completed:
-        _write_final(trainer, out, summary, config)  # every rank: gathering shards is collective
-    elif trainer.is_world_process_zero():
-        print(
-            f"stopped after step {trainer.state.global_step}; run the same command again to resume",
-            flush=True,
-        )
-    return TrainResult(out, summary, completed)
+    _run(setup.trainer, plan, out)
+    return finalize(config, setup, plan, time.perf_counter() - started)
 
 
-def _setup_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, Any]:
+def resolve_adapter(config: TrainConfig, mixture: MixtureConfig) -> MoLEConfig:
+    """The adapter's complete config: with ``router: domain``, expert i serves the mixture's
+    i-th domain (the adapter file records the names).
+
+    Raises:
+        ConfigError: the mixture's domains do not fit the experts.
+    """
+    if config.adapter.router != "domain":
+        return dataclasses.replace(config.adapter)
+    try:
+        return dataclasses.replace(config.adapter, router_domains=tuple(mixture.domains))
+    except ValueError as err:
+        raise ConfigError(
+            f"adapter.router: {err} (the mixture has {len(mixture.domains)} domains)"
+        ) from None
+
+
+def setup_model(config: TrainConfig, adapter: MoLEConfig) -> tuple[torch.nn.Module, Any]:
     """Base model and processor, adapted, with float32 trainable weights."""
     model, processor = load_model_and_processor(
         config.model.path,
@@ -197,9 +155,8 @@ def _setup_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, Any]:
         config.model.trust_remote_code,
         config.model.attn_implementation,
     )
-    mole_config = config.adapter.to_mole_config()
     try:
-        apply_mole(model, mole_config)
+        apply_mole(model, adapter)
     except AdapterError as err:
         raise ConfigError(f"model.path {config.model.path}: {err}") from None
     for param in model.parameters():
@@ -211,12 +168,11 @@ def _setup_model(config: TrainConfig) -> tuple[torch.nn.Module, Any, Any]:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, [MoLEMLP])
-    return model, processor, mole_config
+    return model, processor
 
 
-def _setup_data(config: TrainConfig, processor: Any, mole_config: Any) -> tuple[Any, Any]:
+def setup_data(config: TrainConfig, mixture: MixtureConfig, processor: Any) -> tuple[Any, Any]:
     """The training dataset (``data.max_length`` applied) and its load report."""
-    mixture = load_mixture(config.data.mixture)
     if config.data.max_length is not None:
         mixture.max_length = config.data.max_length
     dataset, report = build_datasets(
@@ -226,35 +182,40 @@ def _setup_data(config: TrainConfig, processor: Any, mole_config: Any) -> tuple[
         seed=config.train.seed,
         strict=config.data.strict,
     )
-    if mole_config.router == "domain":
-        # Expert i serves the mixture's i-th domain; the adapter file records the names.
-        mole_config.router_domains = tuple(dataset.domains)
-        try:
-            mole_config.validate()
-        except ValueError as err:
-            raise ConfigError(
-                f"adapter.router: {err} (the mixture has {len(dataset.domains)} domains)"
-            ) from None
     print(report.summary(), flush=True)
     if len(dataset) == 0:
         raise ConfigError(f"data.mixture {config.data.mixture}: no usable training samples")
     return dataset, report
 
 
-def _setup_trainer(config, model, processor, dataset, report, args):
-    monitor = RouterCollapseMonitor(config.train.collapse_threshold, config.train.collapse_window)
-    stopper = StopAfterSteps(config.train.stop_after_steps)
+def training_arguments_or_error(config: TrainConfig) -> MoLETrainingArguments:
+    """:func:`.arguments.training_arguments`; what ``TrainingArguments`` refuses is one line."""
+    try:
+        return training_arguments(config, torch.cuda.is_available())
+    except ValueError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ConfigError(f"train: {first}") from None
+
+
+def setup_trainer(config, model, processor, dataset, report, args) -> _Setup:
+    """The :class:`MoLETrainer` with this run's callbacks and sampler."""
+    monitor = RouterCollapseMonitor(args.collapse_threshold, args.collapse_window)
+    stopper = StopAfterSteps(args.stop_after_steps)
+    sampler = None
+    if config.data.group_by_length:
+        sampler = ModalityLengthGroupedSampler(
+            dataset.lengths,
+            dataset.has_image,
+            args.per_device_train_batch_size,
+            args.world_size,
+            config.train.seed,
+        )
     trainer = MoLETrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=DataCollator.from_processor(processor, loss_positions=True),
         domains=list(dataset.domains),
-        projector_lr=config.train.projector_lr,
-        router_lr=config.train.router_lr,
-        router_dense_warmup=config.train.router_dense_warmup,
-        nan_policy=config.train.nan_policy,
-        log_domain_loss=config.train.log_domain_loss,
         # The prompt format the adapter was trained with, so that `predict` can use it.
         adapter_extra={
             "prompt": prompt_format(dataset.template, dataset.encoder.system),
@@ -264,17 +225,48 @@ def _setup_trainer(config, model, processor, dataset, report, args):
             },
         },
         callbacks=[JsonlLogger(Path(config.output_dir) / "logs.jsonl"), monitor, stopper],
+        train_sampler=sampler,
     )
-    if config.data.group_by_length:
-        sampler = ModalityLengthGroupedSampler(
-            dataset.lengths,
-            dataset.has_image,
-            config.train.per_device_batch_size,
-            args.world_size,
-            config.train.seed,
+    return _Setup(trainer, stopper, monitor, report)
+
+
+def _run(trainer: MoLETrainer, plan: RunPlan, out: Path) -> None:
+    """Train (fresh or resumed), or only load the checkpoint that ends the schedule."""
+    say = print if trainer.args.process_index == 0 else (lambda *a, **k: None)  # once
+    if plan.kind == "finalize":
+        say(f"{plan.checkpoint.name} is the end of the schedule: writing the final adapter")
+        load_checkpoint_state(trainer, plan.checkpoint)
+        return
+    if plan.checkpoint is not None:
+        state = read_trainer_state(plan.checkpoint)
+        say(
+            f"resuming {out} from {plan.checkpoint.name} "
+            f"(step {state['global_step']} of {state.get('max_steps')})",
+            flush=True,
         )
-        trainer._get_train_sampler = lambda *a, **k: sampler
-    return trainer, stopper, monitor
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+
+
+def finalize(config: TrainConfig, setup: _Setup, plan: RunPlan, wall: float) -> TrainResult:
+    """Summary, the skipped-steps rule, and (when the schedule is done) the final files."""
+    trainer, out = setup.trainer, Path(config.output_dir)
+    tokens = trainer.accelerator.reduce(
+        torch.as_tensor(trainer.tokens_seen, dtype=torch.float32, device=trainer.args.device),
+        "sum",
+    ).item()
+    completed = not setup.stopper.stopped
+    summary = _summary(
+        trainer, config, wall, tokens, setup.report, setup.monitor.warnings, plan.checkpoint
+    )
+    _check_skipped(config, summary)
+    if completed:
+        _write_final(trainer, out, summary, config)  # every rank: gathering shards is collective
+    elif trainer.is_world_process_zero():
+        print(
+            f"stopped after step {trainer.state.global_step}; run the same command again to resume",
+            flush=True,
+        )
+    return TrainResult(out, summary, completed)
 
 
 def _check_skipped(config: TrainConfig, summary: dict[str, Any]) -> None:

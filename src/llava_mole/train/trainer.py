@@ -30,22 +30,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
-from ..adapters.state import (
-    get_state,
-    mole_aux_terms,
-    set_dense_routing,
-    set_routing_domains,
-    set_token_tags,
-)
+from ..adapters.state import get_state, mole_aux_terms, set_routing_domains, set_token_tags
 from ..data.templates import IGNORE_INDEX
 from . import distributed
+from ._hf_compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, CompatTrainer
+from .arguments import MoLETrainingArguments
+from .callbacks import DenseRoutingWarmup
 from .checkpoints import (
     TEMP_PREFIX,
     folder_bytes,
@@ -56,12 +49,9 @@ from .checkpoints import (
     rotate_checkpoints,
     write_failure,
 )
+from .guards import GradientGuard, NonFiniteLossError, _all_finite  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("llava_mole.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A NaN/Inf loss or gradient under ``nan_policy: stop``."""
 
 
 def token_cross_entropy(
@@ -93,17 +83,22 @@ def token_cross_entropy(
     return loss.view(shift_labels.shape)
 
 
-class MoLETrainer(Trainer):
+class MoLETrainer(CompatTrainer):
     """Trainer for models adapted with :func:`llava_mole.apply_mole`.
+
+    The MoLE settings are read from ``args`` when it is a
+    :class:`~.arguments.MoLETrainingArguments`; the keywords below override them.
 
     Args:
         domains: domain names of the training mixture (for per-domain logging).
         projector_lr: learning rate of the multimodal projector (``None``: the main one).
         router_lr: learning rate of the MoLE routers (``None``: the main one).
         router_dense_warmup: share of the optimizer steps, from the start, with dense routing
-            (every expert, weighted by its router probability; ``set_dense_routing``).
+            (every expert, weighted by its router probability; :class:`.DenseRoutingWarmup`).
         nan_policy: ``"stop"`` or ``"skip"``.
         log_domain_loss: log the LM loss per domain.
+        adapter_extra: metadata saved with every adapter (prompt format, training data).
+        train_sampler: replaces the stock training sampler (e.g. length-grouped).
         **kwargs: passed to ``transformers.Trainer``.
     """
 
@@ -113,25 +108,33 @@ class MoLETrainer(Trainer):
         domains: list[str] | None = None,
         projector_lr: float | None = None,
         router_lr: float | None = None,
-        router_dense_warmup: float = 0.0,
-        nan_policy: str = "stop",
-        log_domain_loss: bool = True,
+        router_dense_warmup: float | None = None,
+        nan_policy: str | None = None,
+        log_domain_loss: bool | None = None,
         adapter_extra: dict[str, Any] | None = None,
+        train_sampler: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        own = self.args if isinstance(self.args, MoLETrainingArguments) else None
+
+        def setting(value: Any, name: str, default: Any) -> Any:
+            return value if value is not None else getattr(own, name, default)
+
         self.adapter_extra = adapter_extra
+        self.train_sampler = train_sampler
         self.domains = list(domains or [])
-        self.projector_lr = projector_lr
-        self.router_lr = router_lr
-        self.router_dense_warmup = router_dense_warmup
-        self.nan_policy = nan_policy
-        self.log_domain_loss = log_domain_loss
+        self.projector_lr = setting(projector_lr, "projector_lr", None)
+        self.router_lr = setting(router_lr, "router_lr", None)
+        self.router_dense_warmup = setting(router_dense_warmup, "router_dense_warmup", 0.0)
+        self.nan_policy = setting(nan_policy, "nan_policy", "stop")
+        self.log_domain_loss = setting(log_domain_loss, "log_domain_loss", True)
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
         self.skipped_steps: list[int] = []
         self.tokens_seen = 0
         self._reset_accumulators()
-        self.add_callback(_GradientGuard(self))
+        self.add_callback(GradientGuard(self))
+        self.add_callback(DenseRoutingWarmup(self.router_dense_warmup))
         self.shard_report: dict[str, Any] | None = None
         self._aux_sync = distributed.aux_sync(self)
 
@@ -144,27 +147,9 @@ class MoLETrainer(Trainer):
         """DeepSpeed or FSDP (parameters, gradients or optimizer state sharded)."""
         return bool(self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
-    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        # Engines: the stock resume would load a DeepSpeed checkpoint strictly (its module state
-        # holds the trainable tensors only) and an FSDP one from a full-model file this trainer
-        # does not write; resume here instead, once the engine holds the model.
-        engine = self.uses_engine
-        model, train_dataloader = super()._prepare_for_training(
-            max_steps, train_dataloader, None if engine else resume_from_checkpoint
-        )
-        if engine and resume_from_checkpoint is not None:
-            if self.is_deepspeed_enabled:
-                from transformers.integrations.deepspeed import deepspeed_load_checkpoint
-
-                deepspeed_load_checkpoint(
-                    self.model_wrapped, resume_from_checkpoint, load_module_strict=False
-                )
-            else:
-                self._load_from_checkpoint(resume_from_checkpoint, self.model_wrapped)
-            self._load_optimizer_and_scheduler(resume_from_checkpoint)
-            self._load_scaler(resume_from_checkpoint)
+    def after_prepare(self) -> None:
+        """Once the model is wrapped for training: each rank's share of the trainable state."""
         self.shard_report = distributed.shard_report(self)
-        return model, train_dataloader
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """``6 * tokens * parameters`` (as transformers estimates it), the count cached.
@@ -211,10 +196,6 @@ class MoLETrainer(Trainer):
         set_token_tags(model, domain_ids, num_domains=max(len(self.domains), 1))
         if domain_ids is not None and self._routes_by_domain(model):
             set_routing_domains(model, [self.domains[i] for i in domain_ids.tolist()])
-        if model.training:
-            # From the step counter, so a resumed run continues in the right phase.
-            dense = self.state.global_step < self.router_dense_warmup * self.state.max_steps
-            set_dense_routing(model, dense)
         positions = inputs.pop("loss_positions", None)
         if positions is not None and self._takes_logits_to_keep(model):
             # Logits only where the loss looks: on the demo's samples ~10% of the positions.
@@ -245,31 +226,38 @@ class MoLETrainer(Trainer):
             loss = loss + terms.loss / ga_steps
 
         if model.training:
-            self._accumulate("lm_sum", lm_sum)
-            self._accumulate("lm_count", local_count)
-            self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
-            # Kept on the device: int() here would synchronise host and device every step.
-            mask = inputs.get("attention_mask")
-            tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
-            self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
-            if terms.balance is not None:
-                self._accumulate("balance_sum", terms.balance)
-            if terms.load is not None:
-                self._accumulate("load_sum", terms.load)
-            if self.log_domain_loss and domain_ids is not None and self.domains:
-                domains = domain_ids.to(lm_sum.device)
-                per_sample = token_loss.sum(1).detach().float()
-                counts = valid.sum(1)
-                d = len(self.domains)
-                self._accumulate(
-                    "domain_sum",
-                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample),
-                )
-                self._accumulate(
-                    "domain_count",
-                    torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts),
-                )
+            self._record(
+                inputs, labels, domain_ids, token_loss, valid, (lm_sum, local_count), terms
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def _record(self, inputs, labels, domain_ids, token_loss, valid, sums, terms) -> None:
+        """Add a training micro-batch's sums to what the next log line reports."""
+        lm_sum, local_count = sums
+        self._accumulate("lm_sum", lm_sum)
+        self._accumulate("lm_count", local_count)
+        self._accumulate("micro_batches", torch.ones((), device=lm_sum.device))
+        # Kept on the device: int() here would synchronise host and device every step.
+        mask = inputs.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(labels.numel())
+        self.tokens_seen = self.tokens_seen + tokens.to(lm_sum.device).float()
+        if terms.balance is not None:
+            self._accumulate("balance_sum", terms.balance)
+        if terms.load is not None:
+            self._accumulate("load_sum", terms.load)
+        if self.log_domain_loss and domain_ids is not None and self.domains:
+            domains = domain_ids.to(lm_sum.device)
+            per_sample = token_loss.sum(1).detach().float()
+            counts = valid.sum(1)
+            d = len(self.domains)
+            self._accumulate(
+                "domain_sum",
+                torch.zeros(d, device=lm_sum.device).index_add(0, domains, per_sample),
+            )
+            self._accumulate(
+                "domain_count",
+                torch.zeros(d, device=lm_sum.device).index_add(0, domains, counts),
+            )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -366,10 +354,8 @@ class MoLETrainer(Trainer):
                 tensors=tensors,
             )
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self.uses_engine:
-            super()._save_optimizer_and_scheduler(output_dir)
-            return
+    def save_engine_optimizer(self, output_dir: str) -> None:
+        """Optimizer and scheduler state under DeepSpeed or FSDP2 (frozen base excluded)."""
         if self.is_deepspeed_enabled:
             # Optimizer partitions and the trainable tensors; the frozen base is not copied.
             self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
@@ -384,8 +370,6 @@ class MoLETrainer(Trainer):
                 output_dir,
             )
         if self.args.should_save:
-            from transformers.trainer import SCHEDULER_NAME
-
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _extra_with_step(self) -> dict[str, Any] | None:
@@ -395,10 +379,9 @@ class MoLETrainer(Trainer):
         training = {**self.adapter_extra.get("training", {}), "steps": self.state.global_step}
         return {**self.adapter_extra, "training": training}
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # The stock version writes straight into checkpoint-N; write to a temporary name and
-        # rename once every file (adapter, optimizer, scheduler, RNG, trainer state) is on disk.
-        run_dir = Path(self._get_output_dir(trial=trial))
+    def save_checkpoint_atomically(self, run_dir: Path) -> None:
+        """``checkpoint-N`` written under a temporary name, renamed once every file (adapter,
+        optimizer, scheduler, RNG, trainer state) is on disk."""
         step = self.state.global_step
         final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         temp = run_dir / f"{TEMP_PREFIX}{step}-{self._temp_token()}"
@@ -406,7 +389,7 @@ class MoLETrainer(Trainer):
             shutil.rmtree(temp, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         try:
-            self._write_checkpoint(temp)
+            self.write_checkpoint_files(temp)
             if self.args.should_save:
                 fsync_tree(temp)
                 if final.exists():
@@ -420,20 +403,6 @@ class MoLETrainer(Trainer):
             raise write_failure(err, run_dir, self._checkpoint_bytes(run_dir)) from None
         if self.args.should_save:
             rotate_checkpoints(run_dir, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-
-    def _write_checkpoint(self, temp: Path) -> None:
-        self.store_flos()
-        self.save_model(str(temp), _internal_call=True)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(temp))
-            self._save_scaler(str(temp))
-            self._save_rng_state(str(temp))
-        if self.args.should_save:
-            for callback in self.callback_handler.callbacks + [self.control]:
-                if isinstance(callback, ExportableState):
-                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
-            self.state.save_to_json(str(temp / TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()
 
     def _temp_token(self) -> str:
@@ -453,72 +422,10 @@ class MoLETrainer(Trainer):
         trainable = 4 * distributed.trainable_numel(self.model)
         return last or 3 * trainable + (1 << 20)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def load_adapter_checkpoint(self, checkpoint: str, model: Any = None) -> None:
+        """A checkpoint's adapter into ``model`` (default: the trainer's)."""
         model = model if model is not None else self.model
-        load_adapter(self.accelerator.unwrap_model(model), resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:  # pragma: no cover - evaluation-based selection unused
-        return
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host synchronisation).
-
-    One fused norm per tensor instead of an ``isfinite`` pass each: a non-finite element makes
-    its tensor's norm non-finite. A norm can also overflow on finite values, so only then are
-    the elements checked one by one.
-    """
-    norms = torch._foreach_norm(tensors)
-    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-class _GradientGuard(TrainerCallback):
-    """Checks gradients before each optimizer step (non-finite -> stop or skip)."""
-
-    def __init__(self, trainer: MoLETrainer) -> None:
-        self.trainer = trainer
-        self._trainable: list[torch.nn.Parameter] | None = None
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if self._trainable is None:
-            self._trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-        # FSDP2: each rank checks its gradient shards and the ranks agree (one all-reduce).
-        # DeepSpeed keeps gradients in its own buffers (p.grad is None) and steps in backward.
-        grads = [_local(p.grad) for p in self._trainable if p.grad is not None]
-        skip = getattr(trainer, "_skip_pending", False)
-        sharded = trainer.is_fsdp_enabled
-        if (grads or sharded) and not skip:
-            finite = _all_finite(grads) if grads else True
-            if sharded:
-                finite = distributed.all_ranks_true(finite, trainer.args.device)
-            if not finite:
-                step = state.global_step + 1
-                if trainer.nan_policy == "stop":
-                    raise NonFiniteLossError(trainer._nan_message("gradient", step))
-                logger.warning("non-finite gradient at step %d: skipping the step", step)
-                skip = True
-        if skip:
-            # AdamW leaves parameters without a gradient untouched: a true skip.
-            for p in trainer.model.parameters():
-                p.grad = None
-            trainer.skipped_steps.append(state.global_step + 1)
-            trainer._skip_pending = False
-        return control
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (FSDP2), else the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def warmup_steps_value(ratio: float) -> float:
-    """``warmup_steps`` accepts a ratio in [0, 1) in transformers 5."""
-    return float(ratio) if ratio > 0 else 0.0
+        load_adapter(self.accelerator.unwrap_model(model), checkpoint)
 
 
 def steps_for(num_samples: int, batch: int, accumulation: int, world: int, epochs: float) -> int:
