@@ -12,10 +12,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import AfterValidator
+from pydantic_core import PydanticCustomError
 
+from .. import schema
 from ..data.formats import DataConfigError
 from ..data.mixture import load_mixture
 from ..train.config import (
@@ -27,7 +29,7 @@ from ..train.config import (
     TrainSection,
 )
 from . import settings as registry
-from ._validate import check_dataclass, check_mapping, check_section, check_type, fail
+from ._keys import check_keys
 from .errors import StudyConfigError
 
 __all__ = [
@@ -39,26 +41,18 @@ __all__ = [
     "load_study",
 ]
 
-_TOP_KEYS = (
-    "model",
-    "mixture",
-    "seeds",
-    "adapter",
-    "train",
-    "single_steps",
-    "settings",
-    "extra_settings",
-    "eval",
-    "convergence",
-    "bootstrap",
-    "workers",
-)
-_EXTRA_KEYS = ("name", "base", "adapter", "train")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SETTINGS = registry.SETTINGS
 
 
-@dataclass
+def _setting_name(name: str) -> str:
+    """A setting name is also a folder name: letters, digits, ``_ . -``."""
+    if not _NAME.match(name):
+        raise PydanticCustomError("setting_name", "letters, digits, _ . - only")
+    return name
+
+
+@schema.section
 class EvalSection:
     """How every run is evaluated.
 
@@ -70,26 +64,26 @@ class EvalSection:
     """
 
     split: Literal["test", "train"] = "test"
-    batch_size: int = 32
-    max_new_tokens: int = 8
-    limit: int | None = None
+    batch_size: Annotated[schema.Int, schema.at_least(1)] = 32
+    max_new_tokens: Annotated[schema.Int, schema.at_least(1)] = 8
+    limit: Annotated[schema.Int | None, schema.at_least(1)] = None
 
 
-@dataclass
+@schema.section
 class ConvergenceSection:
     """When a run counts as still improving at the end.
 
     Args:
-        tail: share of the logged steps forming the final window.
+        tail: share of the logged steps forming the final window, in (0, 0.5].
         tolerance: a run is flagged when the mean loss of the final window is more than this
             (relative) below the mean of the equal-length window just before it.
     """
 
-    tail: float = 0.2
-    tolerance: float = 0.02
+    tail: Annotated[schema.Float, schema.between(0, 0.5), schema.above(0)] = 0.2
+    tolerance: Annotated[schema.Float, schema.at_least(0)] = 0.02
 
 
-@dataclass
+@schema.section
 class BootstrapSection:
     """The paired bootstrap behind every confidence interval (see :mod:`.stats`).
 
@@ -99,12 +93,12 @@ class BootstrapSection:
         seed: seed of the resampling (the same seed gives the same intervals).
     """
 
-    samples: int = 2000
-    confidence: float = 0.95
-    seed: int = 0
+    samples: Annotated[schema.Int, schema.at_least(100)] = 2000
+    confidence: Annotated[schema.Float, schema.between(0.5, 1, high_open=True)] = 0.95
+    seed: schema.Int = 0
 
 
-@dataclass
+@schema.section
 class ExtraSetting:
     """A further configuration: a built-in setting with changed adapter/train keys.
 
@@ -119,10 +113,32 @@ class ExtraSetting:
         train: changed ``train`` keys.
     """
 
-    name: str
-    base: str
-    adapter: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    name: Annotated[schema.Str, AfterValidator(_setting_name)]
+    base: Literal[registry.SETTINGS]  # type: ignore[valid-type]
+    adapter: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.adapter = dict(self.adapter or {})
+        self.train = dict(self.train or {})
+
+
+@schema.section
+class _StudyFile:
+    """The study YAML as written (see :func:`load_study`); checked further there."""
+
+    model: schema.Str
+    mixture: schema.Str
+    seeds: list[schema.Int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    adapter: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    single_steps: Literal["equal_exposure", "same_steps"] = "equal_exposure"
+    settings: list[schema.Str] = dataclasses.field(default_factory=lambda: list(SETTINGS))
+    extra_settings: list[ExtraSetting] | None = None
+    eval: EvalSection | None = None
+    convergence: ConvergenceSection | None = None
+    bootstrap: BootstrapSection | None = None
+    workers: Annotated[schema.Int, schema.at_least(1)] = 1
 
 
 @dataclass
@@ -233,128 +249,66 @@ def _resolve(base: Path, value: str) -> Path:
     return (path if path.is_absolute() else base / path).resolve()
 
 
-def _read(path: Path) -> dict[str, Any]:
-    """The YAML's top-level mapping, its keys checked."""
-    where = str(path)
-    if not path.is_file():
-        raise StudyConfigError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise StudyConfigError(f"{where}: invalid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise StudyConfigError(f"{where}: expected a mapping at the top level")
-    for key in data:
-        if key not in _TOP_KEYS:
-            raise fail(where, str(key), f"unknown key (known: {', '.join(_TOP_KEYS)})")
-    return data
-
-
-def _model_and_mixture(where: str, base: Path, data: dict[str, Any]) -> tuple[Path, Path, list]:
+def _model_and_mixture(base: Path, raw: _StudyFile) -> tuple[Path, Path, list[str]]:
     """``(model dir, mixture file, domains)``; the mixture must have at least two domains."""
-    paths = {}
-    for key in ("model", "mixture"):
-        if key not in data:
-            raise fail(where, key, "required")
-        paths[key] = _resolve(base, check_type(where, key, data[key], str))
-    if not paths["model"].is_dir():
-        raise fail(where, "model", f"model directory not found: {paths['model']}")
+    model, mixture_path = _resolve(base, raw.model), _resolve(base, raw.mixture)
+    if not model.is_dir():
+        raise schema.SchemaError(f"model: model directory not found: {model}")
     try:
-        mixture = load_mixture(paths["mixture"])
+        mixture = load_mixture(mixture_path)
     except DataConfigError as err:
-        raise fail(where, "mixture", str(err)) from None
+        raise schema.SchemaError(f"mixture: {err}") from None
     if len(mixture.domains) < 2:
-        raise fail(
-            where,
-            "mixture",
-            f"needs at least two domains, {paths['mixture']} has {mixture.domains}",
+        raise schema.SchemaError(
+            f"mixture: needs at least two domains, {mixture_path} has {mixture.domains}"
         )
-    return paths["model"], paths["mixture"], mixture.domains
+    return model, mixture_path, mixture.domains
 
 
-def _seeds_and_settings(where: str, data: dict[str, Any]) -> dict[str, Any]:
-    """``seeds``, ``single_steps`` and ``settings``, checked."""
-    seeds = check_type(where, "seeds", data.get("seeds", [0, 1, 2]), list[int])
-    if not seeds:
-        raise fail(where, "seeds", "must not be empty")
-    if len(set(seeds)) != len(seeds):
-        raise fail(where, "seeds", f"repeated seed in {seeds}")
-    single_steps = check_type(
-        where,
-        "single_steps",
-        data.get("single_steps", "equal_exposure"),
-        Literal["equal_exposure", "same_steps"],
-    )
-    names = check_type(where, "settings", data.get("settings", list(SETTINGS)), list[str])
-    for i, name in enumerate(names):
+def _check_lists(raw: _StudyFile) -> None:
+    """Seeds non-empty and unique; settings known (did you mean) and unique; extra names new."""
+    if not raw.seeds:
+        raise schema.SchemaError("seeds: must not be empty")
+    if len(set(raw.seeds)) != len(raw.seeds):
+        raise schema.SchemaError(f"seeds: repeated seed in {raw.seeds}")
+    for i, name in enumerate(raw.settings):
         if name not in SETTINGS:
-            raise fail(where, f"settings[{i}]", f"unknown setting {name!r} (one of {SETTINGS})")
-    if len(set(names)) != len(names):
-        raise fail(where, "settings", f"repeated setting in {names}")
-    return {"seeds": seeds, "single_steps": single_steps, "settings": names}
-
-
-def _extra_setting(where: str, i: int, entry: Any, taken: set[str]) -> ExtraSetting:
-    """``extra_settings[i]``, checked (its name must not be ``taken``; it is added)."""
-    prefix = f"extra_settings[{i}]"
-    entry = check_mapping(where, prefix, entry)
-    for key in entry:
-        if key not in _EXTRA_KEYS:
-            raise fail(where, f"{prefix}.{key}", f"unknown key (known: {', '.join(_EXTRA_KEYS)})")
-    for key in ("name", "base"):
-        if key not in entry:
-            raise fail(where, f"{prefix}.{key}", "required")
-    name = check_type(where, f"{prefix}.name", entry["name"], str)
-    if not _NAME.match(name):
-        raise fail(where, f"{prefix}.name", f"letters, digits, _ . - only, got {name!r}")
-    if name in taken:
-        raise fail(where, f"{prefix}.name", f"{name!r} is already a setting")
-    taken.add(name)
-    base_name = check_type(where, f"{prefix}.base", entry["base"], str)
-    if base_name not in SETTINGS:
-        raise fail(where, f"{prefix}.base", f"must be one of {SETTINGS}, got {base_name!r}")
-    return ExtraSetting(
-        name=name,
-        base=base_name,
-        adapter=check_section(where, f"{prefix}.adapter", entry.get("adapter"), AdapterSection),
-        train=check_section(where, f"{prefix}.train", entry.get("train"), TrainSection),
-    )
-
-
-def _extra_settings(where: str, raw: Any) -> list[ExtraSetting]:
-    """``extra_settings``, checked."""
-    raw = raw or []
-    if not isinstance(raw, list):
-        raise fail(where, "extra_settings", f"expected a list, got {raw!r}")
+            hint = schema.did_you_mean(name, SETTINGS)
+            raise schema.SchemaError(f"settings[{i}]: unknown setting {name!r}{hint}")
+    if len(set(raw.settings)) != len(raw.settings):
+        raise schema.SchemaError(f"settings: repeated setting in {raw.settings}")
     taken = set(SETTINGS)
-    return [_extra_setting(where, i, entry, taken) for i, entry in enumerate(raw)]
+    for i, extra in enumerate(raw.extra_settings or []):
+        if extra.name in taken:
+            raise schema.SchemaError(
+                f"extra_settings[{i}].name: {extra.name!r} is already a setting"
+            )
+        taken.add(extra.name)
 
 
-def _sections(where: str, data: dict[str, Any]) -> dict[str, Any]:
-    """``eval``, ``convergence``, ``bootstrap`` and ``workers``, checked (ranges too)."""
-    ev = check_dataclass(where, "eval", data.get("eval"), EvalSection)
-    for key in ("batch_size", "max_new_tokens"):
-        if getattr(ev, key) < 1:
-            raise fail(where, f"eval.{key}", f"must be >= 1, got {getattr(ev, key)}")
-    if ev.limit is not None and ev.limit < 1:
-        raise fail(where, "eval.limit", f"must be >= 1 or null, got {ev.limit}")
-    conv = check_dataclass(where, "convergence", data.get("convergence"), ConvergenceSection)
-    if not 0 < conv.tail <= 0.5:
-        raise fail(where, "convergence.tail", f"must be in (0, 0.5], got {conv.tail}")
-    if conv.tolerance < 0:
-        raise fail(where, "convergence.tolerance", f"must be >= 0, got {conv.tolerance}")
-    boot = check_dataclass(where, "bootstrap", data.get("bootstrap"), BootstrapSection)
-    if boot.samples < 100:
-        raise fail(where, "bootstrap.samples", f"must be >= 100, got {boot.samples}")
-    if not 0.5 <= boot.confidence < 1:
-        raise fail(where, "bootstrap.confidence", f"must be in [0.5, 1), got {boot.confidence}")
-    workers = check_type(where, "workers", data.get("workers", 1), int)
-    if workers < 1:
-        raise fail(where, "workers", f"must be >= 1, got {workers}")
-    return {"eval": ev, "convergence": conv, "bootstrap": boot, "workers": workers}
+def _training_keys(raw: _StudyFile) -> tuple[dict, dict, list[ExtraSetting]]:
+    """The shared and the extra settings' ``adapter``/``train`` keys, checked."""
+    adapter = check_keys(raw.adapter, AdapterSection, "adapter")
+    train_keys = check_keys(raw.train, TrainSection, "train")
+    if "max_steps" not in train_keys or train_keys["max_steps"] < 1:
+        raise schema.SchemaError(
+            "train.max_steps: required, >= 1 (the settings scale it; epochs are not used)"
+        )
+    extras = []
+    for i, extra in enumerate(raw.extra_settings or []):
+        prefix = f"extra_settings[{i}]"
+        extras.append(
+            ExtraSetting(
+                name=extra.name,
+                base=extra.base,
+                adapter=check_keys(extra.adapter, AdapterSection, f"{prefix}.adapter"),
+                train=check_keys(extra.train, TrainSection, f"{prefix}.train"),
+            )
+        )
+    return adapter, train_keys, extras
 
 
-def _check_runs(where: str, study: StudyConfig) -> None:
+def _check_runs(study: StudyConfig) -> None:
     """Build every setting's training config once, so that range errors (rank 0, ...) surface
     now, named by the study key, and not after hours of training."""
     for setting in study.all_settings:
@@ -365,11 +319,37 @@ def _check_runs(where: str, study: StudyConfig) -> None:
             for i, extra in enumerate(study.extra_settings):
                 if extra.name == setting:
                     prefix = f"extra_settings[{i}]."
-            raise StudyConfigError(f"{where}: {prefix}{err} (setting {setting})") from None
+            raise schema.SchemaError(f"{prefix}{err} (setting {setting})") from None
+
+
+def _build(path: Path) -> StudyConfig:
+    """The study of ``path``; every problem is a :class:`schema.SchemaError` (no file name)."""
+    raw = schema.validate(_StudyFile, schema.read_yaml(path))
+    _check_lists(raw)
+    model, mixture, domains = _model_and_mixture(path.resolve().parent, raw)
+    adapter, train_keys, extras = _training_keys(raw)
+    study = StudyConfig(
+        path=path.resolve(),
+        model=model,
+        mixture=mixture,
+        domains=domains,
+        seeds=list(raw.seeds),
+        adapter=adapter,
+        train=train_keys,
+        single_steps=raw.single_steps,
+        settings=list(raw.settings),
+        extra_settings=extras,
+        eval=raw.eval or EvalSection(),
+        convergence=raw.convergence or ConvergenceSection(),
+        bootstrap=raw.bootstrap or BootstrapSection(),
+        workers=raw.workers,
+    )
+    _check_runs(study)
+    return study
 
 
 def load_study(path: str | os.PathLike[str]) -> StudyConfig:
-    """Read and validate a study YAML.
+    """Read and validate a study YAML with the shared schema (:mod:`llava_mole.schema`).
 
     Schema (every key but ``model``, ``mixture`` and ``train.max_steps`` optional)::
 
@@ -377,7 +357,7 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         mixture: path/to/mixture.yaml     # all domains (at least two)
         seeds: [0, 1, 2]
         adapter: {rank: 1, alpha: 2, num_experts: 3}   # training-config adapter keys, no type
-        train: {learning_rate: 2.0e-3, max_steps: 300} # training-config train keys, no seed
+        train: {learning_rate: 2e-3, max_steps: 300}   # training-config train keys, no seed
         single_steps: equal_exposure      # or same_steps
         settings: [single, mix_lora, mix_mole, mix_lora_2x, mix_lora_rank_kr]
         extra_settings:
@@ -387,6 +367,9 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         bootstrap: {samples: 2000, confidence: 0.95, seed: 0}
         workers: 1
 
+    Unknown keys are refused with a "did you mean" suggestion, values are type-checked
+    strictly (numbers written as strings, such as ``2e-3``, are accepted for float keys).
+
     Args:
         path: the study YAML.
 
@@ -394,29 +377,15 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         The validated :class:`StudyConfig`; every run's training config has been checked.
 
     Raises:
-        StudyConfigError: unknown keys, wrong types or values, missing files; the message names
-            the file and the dotted key.
+        StudyConfigError: one line, ``<file>: <dotted key>: <problem>``.
     """
     path = Path(path)
-    where = str(path)
-    data = _read(path)
-    model, mixture, domains = _model_and_mixture(where, path.resolve().parent, data)
-    adapter = check_section(where, "adapter", data.get("adapter"), AdapterSection)
-    train_keys = check_section(where, "train", data.get("train"), TrainSection)
-    if "max_steps" not in train_keys or train_keys["max_steps"] < 1:
-        raise fail(
-            where, "train.max_steps", "required, >= 1 (the settings scale it; epochs are not used)"
-        )
-    study = StudyConfig(
-        path=path.resolve(),
-        model=model,
-        mixture=mixture,
-        domains=domains,
-        adapter=adapter,
-        train=train_keys,
-        **_seeds_and_settings(where, data),
-        extra_settings=_extra_settings(where, data.get("extra_settings")),
-        **_sections(where, data),
-    )
-    _check_runs(where, study)
-    return study
+    if not path.is_file():
+        raise StudyConfigError(f"study file not found: {path}")
+    try:
+        return _build(path)
+    except schema.SchemaError as err:
+        text = str(err)
+        if text.startswith(f"{path}:"):
+            raise StudyConfigError(text) from None
+        raise StudyConfigError(f"{path}: {text}") from None
