@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llava_mole.cli import main
-from llava_mole.study import compare
+from llava_mole.study import runner, settings
 from llava_mole.study.compare import StudyConfigError, StudyWorkersError, run_study
 
 from .conftest import write_study
@@ -39,7 +39,7 @@ def finished(study_world, tmp_path_factory):
         root = tmp_path_factory.mktemp("study")
         study = write_study(root / "study.yaml", study_world)
         out = root / "out"
-        results = run_study(study, out, progress=False)
+        results = run_study(study, out, progress=False).to_json()
         yield study, out, results
     finally:
         torch.set_num_threads(threads)
@@ -63,21 +63,30 @@ def test_compare_writes_a_complete_report(finished):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert {r["id"] for r in results["runs"]} == RUN_IDS
-    assert results["settings"] == list(compare.SETTINGS)
+    assert results["settings"] == list(settings.SETTINGS)
     for run in results["runs"]:
         run_dir = Path(run["run_dir"])
         assert (run_dir / "summary.json").is_file() and (run_dir / "eval.json").is_file()
+        items = json.loads((run_dir / "item_scores.json").read_text())["domains"]
+        for domain, entry in items.items():  # per-item scores average to the domain's score
+            assert sum(entry["scores"]) / len(entry["scores"]) == pytest.approx(
+                run["scores"][domain]
+            )
         assert run["loss_curve"] and run["wall_time_s"] > 0
         expected = [run["domain"]] if run["domain"] else ["general", "document"]
         assert sorted(run["scores"]) == sorted(expected)  # single runs: own domain only
     steps = {r["id"]: r["steps"] for r in results["runs"]}
     assert steps["single/general/seed0"] == 2 and steps["mix_lora_2x/seed0"] == 8
-    for setting in compare.SETTINGS:
+    for setting in settings.SETTINGS:
         for col in ("general", "document", "macro"):
             assert results["scores"][setting][col]["n"] == 1
     routing = results["routing"]["mix_mole"]
     assert routing["experts"] == 3 and len(routing["blocks"]) == 4 * 2
     assert set(results["routing"]) == {"mix_mole"}
+    # Intervals from the test items (4 per domain) and seeds, for every contrast.
+    assert results["uncertainty"]["items"] == {"general": 4, "document": 4}
+    drop = results["derived"]["general"]["drop"]
+    assert drop["ci"][0] <= drop["mean"] <= drop["ci"][1]
 
     report = (out / "report.md").read_text()
     for part in (
@@ -109,7 +118,7 @@ def test_resumption_redoes_only_what_is_missing(finished, monkeypatch):
     }
 
     calls: dict[str, list[str]] = {"train": [], "evaluate": []}
-    real_train, real_evaluate = compare.train, compare.evaluate
+    real_train, real_evaluate = runner.train, runner.evaluate
 
     def counting_train(config, *args, **kwargs):
         calls["train"].append(str(Path(config.output_dir).relative_to(out / "runs")))
@@ -119,9 +128,9 @@ def test_resumption_redoes_only_what_is_missing(finished, monkeypatch):
         calls["evaluate"].append(str(Path(adapter_dir).relative_to(out / "runs")))
         return real_evaluate(model_dir, adapter_dir, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "train", counting_train)
-    monkeypatch.setattr(compare, "evaluate", counting_evaluate)
-    after = run_study(study, out, progress=False)
+    monkeypatch.setattr(runner, "train", counting_train)
+    monkeypatch.setattr(runner, "evaluate", counting_evaluate)
+    after = run_study(study, out, progress=False).to_json()
 
     assert calls["train"] == ["single/document/seed0"]
     assert sorted(calls["evaluate"]) == ["mix_mole/seed0", "single/document/seed0"]
@@ -147,7 +156,7 @@ def test_parallel_workers_give_identical_runs(finished, study_world, tmp_path):
     study = write_study(
         tmp_path / "parallel.yaml", study_world, settings=["mix_lora", "mix_mole"], workers=2
     )
-    parallel = run_study(study, tmp_path / "out", progress=False)
+    parallel = run_study(study, tmp_path / "out", progress=False).to_json()
     assert {r["id"] for r in parallel["runs"]} == {"mix_lora/seed0", "mix_mole/seed0"}
     for setting in ("mix_lora", "mix_mole"):
         assert parallel["scores"][setting] == serial["scores"][setting]

@@ -6,28 +6,34 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from llava_mole.study.report import (
-    build_results,
-    convergence_flag,
-    render_report,
-    summarize,
-    verdict,
-)
+from llava_mole.study.assemble import bootstrap_replicates, build_results, derive
+from llava_mole.study.config import BootstrapSection
+from llava_mole.study.render import render_report
+from llava_mole.study.results import RunOutput, SettingScores
+from llava_mole.study.stats import convergence_flag, summarize
+from llava_mole.study.verdict import verdict
 
 DOMAINS = ["general", "document"]
 
 
-def table(**settings: dict[str, list[float]]) -> dict[str, dict[str, dict]]:
-    """``{setting: {domain: summary}}`` (macro = mean over domains per seed) from per-seed lists."""
-    out = {}
+def table(**settings: dict[str, list[float]]) -> tuple[dict, dict]:
+    """``({setting: {column: summary}}, {column: differences})`` from per-seed lists.
+
+    Macro = mean over domains per seed. There are no per-item scores here, so the intervals
+    come from resampling seeds only (each run is one "item": its score).
+    """
+    scores, matrices = {}, {}
     for setting, per_domain in settings.items():
         cols = {d: summarize(v) for d, v in per_domain.items()}
-        seeds = zip(*(per_domain[d] for d in DOMAINS))
+        seeds = list(zip(*(per_domain[d] for d in DOMAINS)))
         cols["macro"] = summarize([sum(s) / len(s) for s in seeds])
-        out[setting] = cols
-    return out
+        scores[setting] = SettingScores(cols, list(range(len(seeds))))
+        matrices[setting] = {d: np.array(v, dtype=float)[:, None] for d, v in per_domain.items()}
+    reps = bootstrap_replicates(matrices, DOMAINS, BootstrapSection())
+    return {s: v.columns for s, v in scores.items()}, derive(scores, reps, DOMAINS)
 
 
 # A clear conflict on `general` (0.90 -> 0.61), nothing on `document` (noisy, tiny differences).
@@ -42,27 +48,27 @@ CLEAR = dict(
 
 def test_summarize_uses_sample_std_and_zero_for_one_seed():
     s = summarize([0.5, 0.7, 0.6])
-    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
-    assert (s["min"], s["max"], s["n"]) == (0.5, 0.7, 3)
-    assert summarize([0.4])["std"] == 0.0
-    assert summarize([])["mean"] is None
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1)
+    assert (s.min, s.max, s.n) == (0.5, 0.7, 3)
+    assert summarize([0.4]).std == 0.0
+    assert summarize([]).mean is None
 
 
 def test_verdict_conflict_and_mitigation_clear():
-    v = verdict(table(**CLEAR), DOMAINS, seeds=3)
-    assert v["conflict_domains"] == ["general"]
-    assert v["mitigated_domains"] == ["general"]
-    general, document = v["columns"]["general"], v["columns"]["document"]
-    assert general["conflict"]["label"] == "conflict"
-    assert general["conflict"]["diff"] == pytest.approx(0.29)
-    assert general["undertraining"]["label"] == "gap_remains"
-    assert general["mole"]["label"] == "mitigates"
-    assert "recovering 83% of the drop" in general["mole"]["text"]  # 0.24 / 0.29
-    assert general["parameters"]["label"] == "beyond_parameters"
-    assert general["mole_vs_2x"]["label"] == "better"
-    assert document["conflict"]["label"] == "within_spread"
-    assert "within seed spread: no conclusion" in document["conflict"]["text"]
-    text = " ".join(v["lines"])
+    v = verdict(*table(**CLEAR), DOMAINS, seeds=3)
+    assert v.conflict_domains == ["general"]
+    assert v.mitigated_domains == ["general"]
+    general, document = v.columns["general"], v.columns["document"]
+    assert general["conflict"].label == "conflict"
+    assert general["conflict"].diff == pytest.approx(0.29)
+    assert general["undertraining"].label == "gap_remains"
+    assert general["mole"].label == "mitigates"
+    assert "recovering 83% of the drop" in general["mole"].text  # 0.24 / 0.29
+    assert general["parameters"].label == "beyond_parameters"
+    assert general["mole_vs_2x"].label == "better"
+    assert document["conflict"].label == "within_spread"
+    assert "within seed spread: no conclusion" in document["conflict"].text
+    text = " ".join(v.lines)
     assert "Data conflict on general." in text
     assert "MoLE mitigates the conflict" in text
     assert "routing adds more than the extra parameters" in text
@@ -77,68 +83,68 @@ def test_verdict_everything_within_spread_says_so_plainly():
         mix_lora_2x={"general": [0.48, 0.68, 0.58], "document": [0.41, 0.60, 0.49]},
         mix_lora_rank_kr={"general": [0.47, 0.66, 0.57], "document": [0.40, 0.62, 0.51]},
     )
-    v = verdict(table(**noisy), DOMAINS, seeds=3)
-    assert v["conflict_domains"] == [] and v["mitigated_domains"] == []
+    v = verdict(*table(**noisy), DOMAINS, seeds=3)
+    assert v.conflict_domains == [] and v.mitigated_domains == []
     for col in ("general", "document", "macro"):
-        assert v["columns"][col]["conflict"]["label"] == "within_spread"
-        assert v["columns"][col]["mole"]["label"] == "within_spread"
-        assert v["columns"][col]["parameters"]["label"] == "not_applicable"
-    assert v["lines"][0].startswith("No data conflict shows")
-    assert "mitigates" not in " ".join(v["lines"])
+        assert v.columns[col]["conflict"].label == "within_spread"
+        assert v.columns[col]["mole"].label == "within_spread"
+        assert v.columns[col]["parameters"].label == "not_applicable"
+    assert v.lines[0].startswith("No data conflict shows")
+    assert "mitigates" not in " ".join(v.lines)
 
 
 def test_verdict_2x_closing_the_gap_means_undertraining():
     closes = dict(CLEAR, mix_lora_2x={"general": [0.90, 0.89, 0.90], "document": [0.5, 0.6, 0.5]})
-    v = verdict(table(**closes), DOMAINS, seeds=3)
-    general = v["columns"]["general"]
-    assert general["conflict"]["label"] == "conflict"
-    assert general["undertraining"]["label"] == "closes_gap"
-    assert v["undertrained_domains"] == ["general"]
-    assert v["mitigated_domains"] == []  # a gain over an undertrained baseline is not mitigation
-    assert general["mole"]["label"] == "improves"
-    assert "looks like undertraining, not conflict" in " ".join(v["lines"])
-    assert "Data conflict on" not in " ".join(v["lines"])
+    v = verdict(*table(**closes), DOMAINS, seeds=3)
+    general = v.columns["general"]
+    assert general["conflict"].label == "conflict"
+    assert general["undertraining"].label == "closes_gap"
+    assert v.undertrained_domains == ["general"]
+    assert v.mitigated_domains == []  # a gain over an undertrained baseline is not mitigation
+    assert general["mole"].label == "improves"
+    assert "looks like undertraining, not conflict" in " ".join(v.lines)
+    assert "Data conflict on" not in " ".join(v.lines)
 
 
 def test_verdict_rank_kr_explains_the_gain_by_parameters():
     params = dict(
         CLEAR, mix_lora_rank_kr={"general": [0.86, 0.85, 0.84], "document": [0.5, 0.6, 0.5]}
     )
-    v = verdict(table(**params), DOMAINS, seeds=3)
-    general = v["columns"]["general"]
-    assert general["mole"]["label"] == "mitigates"
-    assert general["parameters"]["label"] == "explained_by_parameters"
-    assert "explained by parameters, not routing" in " ".join(v["lines"])
+    v = verdict(*table(**params), DOMAINS, seeds=3)
+    general = v.columns["general"]
+    assert general["mole"].label == "mitigates"
+    assert general["parameters"].label == "explained_by_parameters"
+    assert "explained by parameters, not routing" in " ".join(v.lines)
 
 
 def test_verdict_one_seed_and_untrained_caveats():
     one = {s: {d: v[:1] for d, v in per.items()} for s, per in CLEAR.items()}
-    v = verdict(table(**one), DOMAINS, seeds=1, still_improving=["mix_lora/seed0"])
-    assert "Only one seed" in v["lines"][0]
-    assert any("still improving" in line for line in v["lines"])
+    v = verdict(*table(**one), DOMAINS, seeds=1, still_improving=["mix_lora/seed0"])
+    assert "Only one seed" in v.lines[0]
+    assert any("still improving" in line for line in v.lines)
     zeros = {s: {d: [0.0] for d in DOMAINS} for s in CLEAR}
-    v = verdict(table(**zeros), DOMAINS, seeds=1)
-    assert any("task was not learnt" in line for line in v["lines"])
-    assert v["conflict_domains"] == []
+    v = verdict(*table(**zeros), DOMAINS, seeds=1)
+    assert any("task was not learnt" in line for line in v.lines)
+    assert v.conflict_domains == []
     partial = {s: CLEAR[s] for s in ("single", "mix_lora")}
-    v = verdict(table(**partial), DOMAINS, seeds=3)
-    assert v["columns"]["general"]["mole"]["label"] == "not_run"
-    assert v["conflict_domains"] == ["general"]
+    v = verdict(*table(**partial), DOMAINS, seeds=3)
+    assert v.columns["general"]["mole"].label == "not_run"
+    assert v.conflict_domains == ["general"]
 
 
 def test_convergence_flag_on_synthetic_curves():
     falling = [[s, 2.0 - s / 100] for s in range(1, 101)]  # still dropping linearly
     flag = convergence_flag(falling, tail=0.2, tolerance=0.02)
-    assert flag["converged"] is False and flag["window"] == 20
-    assert flag["relative_drop"] == pytest.approx((1.295 - 1.095) / 1.295)
+    assert flag.converged is False and flag.window == 20
+    assert flag.relative_drop == pytest.approx((1.295 - 1.095) / 1.295)
     plateau = [[s, 1.0 + math.exp(-s / 10)] for s in range(1, 201)]
-    assert convergence_flag(plateau, 0.2, 0.02)["converged"] is True
+    assert convergence_flag(plateau, 0.2, 0.02).converged is True
     noisy_flat = [[s, 1.0 + 0.01 * (-1) ** s] for s in range(1, 51)]
-    assert convergence_flag(noisy_flat, 0.2, 0.02)["converged"] is True
-    assert convergence_flag(falling[:3], 0.2, 0.02)["converged"] is None
-    assert convergence_flag([], 0.2, 0.02)["converged"] is None
+    assert convergence_flag(noisy_flat, 0.2, 0.02).converged is True
+    assert convergence_flag(falling[:3], 0.2, 0.02).converged is None
+    assert convergence_flag([], 0.2, 0.02).converged is None
     # A looser tolerance accepts the same falling curve.
-    assert convergence_flag(falling, 0.2, 0.5)["converged"] is True
+    assert convergence_flag(falling, 0.2, 0.5).converged is True
 
 
 def _fake_records(domains: list[str], seeds: list[int]) -> list[dict]:
@@ -209,24 +215,22 @@ def _fake_records(domains: list[str], seeds: list[int]) -> list[dict]:
 
 
 def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
-    from llava_mole.study.compare import StudyConfig
+    from llava_mole.study.config import StudyConfig
     from llava_mole.study.plots import plot_all
 
     domains = ["general", "document", "biomedical"]
     study = StudyConfig(
         path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1, 2]
     )
-    results = build_results(study, _fake_records(domains, [0, 1, 2]))
-    assert results["settings"] == list(study.settings)
-    assert results["scores"]["single"]["general"]["scores"] == pytest.approx([0.9, 0.91, 0.92])
-    assert results["scores"]["mix_lora"]["macro"]["mean"] == pytest.approx(0.61)
-    drop = results["derived"]["general"]["drop"]
-    assert drop["mean"] == pytest.approx(0.3) and drop["spread"] == pytest.approx(
-        math.hypot(0.01, 0.01)
-    )
-    assert results["derived"]["general"]["recovered"] == pytest.approx(0.25 / 0.3)
-    assert results["verdict"]["mitigated_domains"] == domains
-    routing = results["routing"]["mix_mole"]
+    results = build_results(study, [RunOutput(**r) for r in _fake_records(domains, [0, 1, 2])])
+    assert results.settings == list(study.settings)
+    assert results.scores["single"].columns["general"].scores == pytest.approx([0.9, 0.91, 0.92])
+    assert results.scores["mix_lora"].columns["macro"].mean == pytest.approx(0.61)
+    drop = results.derived["general"].contrasts["drop"]
+    assert drop.mean == pytest.approx(0.3) and drop.spread == pytest.approx(math.hypot(0.01, 0.01))
+    assert results.derived["general"].recovered == pytest.approx(0.25 / 0.3)
+    assert results.verdict.mitigated_domains == domains
+    routing = results.routing["mix_mole"]
     assert routing["seeds"] == 3 and len(routing["blocks"]) == 12
     # Separation within each seed (1.0), not of shares averaged over seeds (which would be 0).
     assert routing["separation"][0]["image"] == pytest.approx(1.0)
@@ -238,9 +242,9 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         [0.0, 0.0, 1.0],
     ]
     assert routing["separation"][0]["text"] == pytest.approx(0.0)
-    assert results["still_improving"]  # 3/s is still falling fast at step 20
+    assert results.still_improving  # 3/s is still falling fast at step 20
 
-    results["plots"] = {k: p.name for k, p in plot_all(results, tmp_path).items()}
+    results.plots = {k: p.name for k, p in plot_all(results.to_json(), tmp_path).items()}
     for name in ("scores.png", "loss_curves.png", "routing.png"):
         assert (tmp_path / name).stat().st_size > 5000, name
     report = render_report(results)
@@ -256,10 +260,12 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         "- MoLE routing: top-1 from the first step (the paper's recipe)",
     ):
         assert part in report, part
-    json.dumps(results)  # JSON-serialisable as written to results.json
+    json.dumps(results.to_json())  # JSON-serialisable as written to results.json
 
     # A study whose MoLE runs started with dense routing says so in its setup.
     study.train["router_dense_warmup"] = 0.2
-    report = render_report(build_results(study, _fake_records(domains, [0, 1, 2])))
+    report = render_report(
+        build_results(study, [RunOutput(**r) for r in _fake_records(domains, [0, 1, 2])])
+    )
     assert "dense (every expert, weighted by its router probability) for the first 20%" in report
     assert "(`train.router_dense_warmup = 0.2`)" in report

@@ -3,7 +3,8 @@
 ``run_study(study_yaml, out_dir)`` trains and evaluates single-domain LoRA, mixed LoRA, mixed
 MoLE and two controls (2x steps, rank K·r) over several seeds and writes ``results.json``,
 ``report.md`` and PNG figures. Names are imported lazily: the report and plot helpers work
-without loading the training stack.
+without loading the training stack. Stages, one module each: config, settings (the registry),
+plan, runner, items, stats, assemble, rules, verdict, render, plots, routing.
 """
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SETTINGS": "compare",
-    "StudyConfig": "compare",
-    "StudyConfigError": "compare",
-    "load_study": "compare",
-    "plan_runs": "compare",
+    "SETTINGS": "settings",
+    "StudyConfig": "config",
+    "StudyConfigError": "errors",
+    "load_study": "config",
+    "plan_runs": "plan",
     "run_study": "compare",
-    "build_results": "report",
-    "convergence_flag": "report",
-    "render_report": "report",
-    "verdict": "report",
+    "StudyResults": "results",
+    "build_results": "assemble",
+    "convergence_flag": "stats",
+    "render_report": "render",
+    "verdict": "verdict",
+    "REGISTRY": "settings",
+    "Setting": "settings",
     "plot_all": "plots",
 }
 

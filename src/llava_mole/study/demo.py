@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from .results import StudyResults
 
 # The demo's world and budget (measured on a 2-core CPU; see README "Demo").
 # 24 classes per domain and one code-question wording per domain (the question names what the
@@ -90,7 +93,7 @@ def run_demo(
     seeds: int = 2,
     quick: bool = False,
     workers: int = 2,
-) -> dict:
+) -> StudyResults:
     """Build the offline world and run the study; prints progress and the final table.
 
     Args:
@@ -100,7 +103,7 @@ def run_demo(
         workers: parallel training processes.
 
     Returns:
-        The study results (as written to ``results.json``).
+        The study results (``to_json()`` is what ``results.json`` holds).
     """
     from ..data.synthetic import make_data
     from ..models.tiny import make_tiny
