@@ -294,11 +294,12 @@ class ConversationEncoder:
     ) -> tuple[list[int], list[int]]:
         """Concatenated segment ids and labels, the image tokens checked."""
         n_blocks = sum(IMAGE_PLACEHOLDER in text for _, text in turns)
-        if self.images is not None and n_blocks != (size is not None):
+        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+        if self.images is not None and placeholders != (size is not None):
             given = "one image" if size is not None else "no image"
             raise EncodeError(
                 IMAGE_PLACEHOLDER_MISMATCH,
-                f"{n_blocks} {IMAGE_PLACEHOLDER} placeholder(s) but {given} "
+                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {given} "
                 f"({self.images.family.name} needs exactly one placeholder per image)",
             )
         self._image_size = size
