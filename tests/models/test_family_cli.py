@@ -257,3 +257,32 @@ def test_predict_with_two_placeholders_for_one_image_is_one_line(data, saved, ca
     assert cli.main([*argv, "--question", "<image> and <image>?"]) == 2
     err = capsys.readouterr().err
     assert "2 <image> placeholders but one image" in err and "Traceback" not in err
+
+
+def test_the_qwen2_5_vl_example_config_trains_a_tiny_stand_in(data, saved, tmp_path) -> None:
+    """configs/qwen2_5_vl.yaml validates and trains, with a tiny Qwen2.5-VL in its place."""
+    from llava_mole.train.config import load_train_config
+
+    config_file = Path(__file__).resolve().parents[2] / "configs" / "qwen2_5_vl.yaml"
+    swap = [
+        f"model.path={saved('qwen2_5_vl')}",
+        f"data.mixture={data['image']}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    config = load_train_config(config_file, swap)
+    assert (config.adapter.type, config.adapter.num_experts, config.model.dtype) == (
+        "mole",
+        3,
+        "bfloat16",
+    )
+    cpu = ["model.dtype=float32", "train.precision=fp32", "train.max_steps=1", "data.max_length=96"]
+    cpu += [
+        "train.per_device_batch_size=2",
+        "train.gradient_accumulation=1",
+        "train.report_to=[none]",
+    ]
+    argv = ["train", str(config_file)]
+    for item in swap + cpu:
+        argv += ["--set", item]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
