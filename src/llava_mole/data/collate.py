@@ -46,7 +46,13 @@ from .images import (
 )
 from .sampler import ModalityLengthGroupedSampler, modality_length_grouped_indices
 from .selection import SampleView
-from .templates import IGNORE_INDEX, ConversationEncoder, EncodeError, TemplateName
+from .templates import (
+    IGNORE_INDEX,
+    ConversationEncoder,
+    EncodedConversation,
+    EncodeError,
+    TemplateName,
+)
 
 __all__ = [
     "LAZY_MIN_ITEMS",
@@ -174,7 +180,7 @@ class InstructDataset(Dataset):
         skip = check_turns(sample.turns, sample.has_image)
         if skip is None:
             try:
-                enc = self.encoder.encode(sample.turns, self._image_size(sample))
+                enc = self._encode_turns(sample)
             except (EncodeError, ImageLoadError) as e:
                 skip = Skip(e.reason, str(e))
             else:
@@ -187,6 +193,13 @@ class InstructDataset(Dataset):
         if self.images is None or sample.image is None:
             return None
         return image_size(sample.image)
+
+    def _encode_turns(self, sample: Sample) -> EncodedConversation:
+        """The encoder's ids and labels of `sample` (with its image's size where needed)."""
+        size = self._image_size(sample)
+        if size is None:
+            return self.encoder.encode(sample.turns)
+        return self.encoder.encode(sample.turns, size)
 
     def _fill(self, index: _Index, k: int, sample: Sample, domain_ids: dict[str, int]) -> None:
         """Encodes `sample` as entry `k` of `index` (dropped: length -1, counted)."""
@@ -286,8 +299,7 @@ class InstructDataset(Dataset):
     def _tokens(self, index: int, sample: Sample) -> _Encoded:
         if self._encoded is not None:
             return self._encoded[index]
-        # Encoded before: it cannot fail now.
-        enc = self.encoder.encode(sample.turns, self._image_size(sample))
+        enc = self._encode_turns(sample)  # encoded before: it cannot fail now
         return torch.tensor(enc.input_ids), torch.tensor(enc.labels)
 
     def _pixel_values(self, sample: Sample) -> torch.Tensor:
