@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
+from .eval.settings import EVAL_DEFAULTS, PREDICT_DEFAULTS
 from .models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
 
 
@@ -388,11 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="base model directory")
     p.add_argument("--adapter", default=None, help="adapter directory (omit for the base model)")
     p.add_argument("--data", required=True, help="mixture YAML")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=EVAL_DEFAULTS.split)
     p.add_argument("--out", default=None, help="results JSON (predictions go next to it)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="at most this many samples per dataset")
+    p.add_argument("--batch-size", type=int, default=EVAL_DEFAULTS.batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=EVAL_DEFAULTS.max_new_tokens)
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=EVAL_DEFAULTS.limit,
+        help="at most this many samples per dataset",
+    )
 
     p = add(
         "predict",
@@ -404,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None)
     p.add_argument("--image", default=None)
     p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=PREDICT_DEFAULTS.max_new_tokens)
     p.add_argument(
         "--template",
         default=None,

@@ -19,7 +19,8 @@ from llava_mole import MoLEConfig, apply_mole, save_adapter  # noqa: E402
 from llava_mole.adapters.state import get_state  # noqa: E402
 from llava_mole.data import load_split  # noqa: E402
 from llava_mole.data.synthetic import make_data  # noqa: E402
-from llava_mole.eval import generate as gen  # noqa: E402
+from llava_mole.eval import evaluation as gen  # noqa: E402
+from llava_mole.eval import generation  # noqa: E402
 from llava_mole.eval.generate import evaluate, generate_answers, predict  # noqa: E402
 from llava_mole.models.loading import load_model_and_processor  # noqa: E402
 from llava_mole.models.tiny import NUM_IMAGE_TOKENS, make_tiny  # noqa: E402
@@ -285,7 +286,7 @@ def test_scoring_plumbing_with_perfect_answers(world, base, monkeypatch) -> None
         prompts.extend(processor.tokenizer.decode(p) for p in batch_prompts)
         return [next(references) for _ in batch_prompts]
 
-    monkeypatch.setattr(gen, "generate_answers", perfect)
+    monkeypatch.setattr(generation, "generate_answers", perfect)
     result = evaluate(
         mixture=world["mixture"], batch_size=5, model=model, processor=processor, progress=False
     )
@@ -305,7 +306,7 @@ def seen_prompts(monkeypatch) -> list[str]:
         seen.extend(processor.tokenizer.decode(p, skip_special_tokens=True) for p in batch_prompts)
         return ["x"] * len(batch_prompts)
 
-    monkeypatch.setattr(gen, "generate_answers", capture)
+    monkeypatch.setattr(generation, "generate_answers", capture)
     return seen
 
 

@@ -453,3 +453,76 @@ def routing_stats(model: nn.Module) -> dict[int, torch.Tensor]:
     """Accumulated counts: ``{block: tensor (num_domains, 3 [text, image, answer], K)}``."""
     state = get_state(model)
     return {} if state is None else {b: t.detach().cpu() for b, t in sorted(state.stats.items())}
+
+
+@dataclass
+class RoutingCapture:
+    """The routing statistics gathered inside :func:`capture_routing`.
+
+    Attributes:
+        state: The model's MoLE state (statistics are off except inside `collecting`).
+    """
+
+    state: MoLEState
+
+    @contextmanager
+    def collecting(
+        self,
+        domain_ids: torch.Tensor | None,
+        num_domains: int = 1,
+        answer_mask: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """Counts the routing of the forwards in the block, tagged as :func:`set_token_tags`."""
+        state = self.state
+        state.domain_ids, state.num_domains = domain_ids, max(int(num_domains), 1)
+        state.answer_mask = answer_mask
+        state.collect_stats = True
+        try:
+            yield
+        finally:
+            state.collect_stats = False
+
+    @property
+    def stats(self) -> dict[int, torch.Tensor]:
+        """Counts so far, as :func:`routing_stats`: ``{block: (num_domains, 3, K)}``."""
+        return {b: t.detach().cpu() for b, t in sorted(self.state.stats.items())}
+
+
+@contextmanager
+def capture_routing(model: nn.Module) -> Iterator[RoutingCapture]:
+    """Measures routing in a block without disturbing the caller's statistics and tags.
+
+    On entry the state's statistics (``collect_stats``, ``stats``) and token tags
+    (``domain_ids``, ``num_domains``, ``answer_mask``) are saved, counting is switched off and
+    the counts emptied; forwards inside ``capture.collecting(...)`` are counted; on exit (also
+    on an exception) everything saved is put back. Example::
+
+        with capture_routing(model) as capture:
+            with capture.collecting(domain_ids, num_domains, answer_mask):
+                model(**inputs)
+            counts = capture.stats
+
+    Raises:
+        ValueError: The model has no MoLE blocks.
+    """
+    state = get_state(model)
+    if state is None:
+        raise ValueError("the model has no MoLE blocks (apply_mole with mode='mole' first)")
+    saved = (
+        state.collect_stats,
+        state.stats,
+        state.domain_ids,
+        state.num_domains,
+        state.answer_mask,
+    )
+    state.collect_stats, state.stats = False, {}
+    try:
+        yield RoutingCapture(state)
+    finally:
+        (
+            state.collect_stats,
+            state.stats,
+            state.domain_ids,
+            state.num_domains,
+            state.answer_mask,
+        ) = saved

@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .formats import LoadReport, Sample, Skip, check_turns
+from .image_inputs import ImageInputs, collate_image_inputs, image_inputs_for, image_size
 from .images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_MODES,
@@ -45,7 +46,13 @@ from .images import (
 )
 from .sampler import ModalityLengthGroupedSampler, modality_length_grouped_indices
 from .selection import SampleView
-from .templates import IGNORE_INDEX, ConversationEncoder, EncodeError, TemplateName
+from .templates import (
+    IGNORE_INDEX,
+    ConversationEncoder,
+    EncodedConversation,
+    EncodeError,
+    TemplateName,
+)
 
 __all__ = [
     "LAZY_MIN_ITEMS",
@@ -85,6 +92,11 @@ class InstructDataset(Dataset):
 
     Each item is a dict with 1-D LongTensors ``input_ids`` and ``labels``, ``pixel_values``
     (``(3, H, W)`` float tensor; only for samples with an image) and ``domain_id`` (int).
+    For families whose processor builds the image inputs (``llava_mole.data.image_inputs``),
+    the item carries every tensor the processor returns instead (``pixel_values`` with a
+    leading image dim, ``image_sizes``, ``image_grid_thw``, ..., per-token ones as ``(T, ...)``);
+    lengths stay exact (the image block's length comes from the image's size, read from its
+    header), and ``image_mode`` does not apply (the processor resizes).
 
     Samples that cannot be encoded (e.g. no answer token left after truncation, image tokens
     cut by truncation, malformed turns) are dropped and counted in `report`, in both modes.
@@ -144,6 +156,7 @@ class InstructDataset(Dataset):
         self.max_image_pixels = max_image_pixels
         self.max_replacement_tries = max_replacement_tries
         self.encoder = ConversationEncoder(processor, template, max_length, system=system)
+        self.images: ImageInputs | None = self.encoder.images
         self.report = LoadReport(per_domain={d: 0 for d in self.domains})
         self.image_failures: Counter[str] = Counter()
         self.pixel_cache_bytes = pixel_cache_bytes
@@ -167,13 +180,26 @@ class InstructDataset(Dataset):
         skip = check_turns(sample.turns, sample.has_image)
         if skip is None:
             try:
-                enc = self.encoder.encode(sample.turns)
-            except EncodeError as e:
+                enc = self._encode_turns(sample)
+            except (EncodeError, ImageLoadError) as e:
                 skip = Skip(e.reason, str(e))
             else:
                 return torch.tensor(enc.input_ids), torch.tensor(enc.labels)
         self.report.add_skip(skip, source=sample.source, index=sample.index, sample_id=sample.id)
         return None
+
+    def _image_size(self, sample: Sample) -> tuple[int, int] | None:
+        """The image's ``(width, height)`` where the processor builds the block, else None."""
+        if self.images is None or sample.image is None:
+            return None
+        return image_size(sample.image)
+
+    def _encode_turns(self, sample: Sample) -> EncodedConversation:
+        """The encoder's ids and labels of `sample` (with its image's size where needed)."""
+        size = self._image_size(sample)
+        if size is None:
+            return self.encoder.encode(sample.turns)
+        return self.encoder.encode(sample.turns, size)
 
     def _fill(self, index: _Index, k: int, sample: Sample, domain_ids: dict[str, int]) -> None:
         """Encodes `sample` as entry `k` of `index` (dropped: length -1, counted)."""
@@ -273,7 +299,7 @@ class InstructDataset(Dataset):
     def _tokens(self, index: int, sample: Sample) -> _Encoded:
         if self._encoded is not None:
             return self._encoded[index]
-        enc = self.encoder.encode(sample.turns)  # encoded before: it cannot fail now
+        enc = self._encode_turns(sample)  # encoded before: it cannot fail now
         return torch.tensor(enc.input_ids), torch.tensor(enc.labels)
 
     def _pixel_values(self, sample: Sample) -> torch.Tensor:
@@ -298,9 +324,14 @@ class InstructDataset(Dataset):
             "domain_id": int(self._domain_ids[index]),
         }
         if not sample.has_image:
+            if self.images is not None and self.images.rules.tokens != "cross_attention":
+                out.update(self.images.token_inputs(input_ids.tolist(), labels.tolist()))
             return out
         try:
-            out["pixel_values"] = self._pixel_values(sample)
+            if self.images is None:
+                out["pixel_values"] = self._pixel_values(sample)
+            else:
+                out.update(self._processor_inputs(sample, input_ids, labels))
         except Exception as e:  # any failure must not reach the training loop
             reason = e.reason if isinstance(e, ImageLoadError) else "image_processing_error"
             self.image_failures[reason] += 1
@@ -313,6 +344,25 @@ class InstructDataset(Dataset):
             return None
         return out
 
+    def _processor_inputs(
+        self, sample: Sample, input_ids: torch.Tensor, labels: torch.Tensor, blank: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Every input the family's processor makes of the sample's image (blank: a mean-colour
+        image of the same size)."""
+        assert self.images is not None and sample.image is not None
+        if blank:
+            size = self._image_size(sample)
+            img = Image.new("RGB", size, mean_colour(self.image_processor))  # type: ignore[arg-type]
+        else:
+            img = load_image(sample.image, max_pixels=self.max_image_pixels)
+        block = self.images.block(img)
+        if block.ids != self.images.block_ids(img.size):
+            raise ImageLoadError(
+                "image_tokens_changed", f"{sample.image}: the image block changed since loading"
+            )
+        tokens = self.images.token_inputs(input_ids.tolist(), labels.tolist(), block)
+        return {**block.tensors, **tokens}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)
         if not -n <= index < n:
@@ -323,8 +373,16 @@ class InstructDataset(Dataset):
             if out is not None:
                 return out
         # Last resort: keep the shapes valid, learn nothing.
-        input_ids, labels = self._tokens(index, self.sample(index))
+        sample = self.sample(index)
+        input_ids, labels = self._tokens(index, sample)
         self.image_failures["blank_fallback"] += 1
+        if self.images is not None:
+            return {
+                "input_ids": input_ids,
+                "labels": torch.full_like(labels, IGNORE_INDEX),
+                "domain_id": int(self._domain_ids[index]),
+                **self._processor_inputs(sample, input_ids, labels, blank=True),
+            }
         height, width = processor_input_size(self.image_processor)
         blank = Image.new("RGB", (width, height), mean_colour(self.image_processor))
         return {
@@ -347,6 +405,9 @@ class DataCollator:
         label_pad: Label id of padding.
         pad_to_multiple_of: Round the padded length up to a multiple of this.
         loss_positions: also return ``loss_positions``.
+        image_inputs: The family's processor-built inputs (None: LLaVA-1.5 / text only): the
+            items' processor tensors are then batched by
+            `llava_mole.data.image_inputs.collate_image_inputs`.
 
     Returns (on call):
         ``input_ids``, ``attention_mask``, ``labels`` (LongTensors ``(B, T)``), ``pixel_values``
@@ -363,6 +424,7 @@ class DataCollator:
         label_pad: int = IGNORE_INDEX,
         pad_to_multiple_of: int | None = None,
         loss_positions: bool = False,
+        image_inputs: ImageInputs | None = None,
     ) -> None:
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: set a pad token on the tokenizer")
@@ -370,6 +432,7 @@ class DataCollator:
         self.label_pad = label_pad
         self.pad_to_multiple_of = pad_to_multiple_of
         self.loss_positions = loss_positions
+        self.image_inputs = image_inputs
 
     @classmethod
     def from_processor(cls, processor: Any, **kwargs: Any) -> DataCollator:
@@ -378,6 +441,7 @@ class DataCollator:
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        kwargs.setdefault("image_inputs", image_inputs_for(processor))
         return cls(pad, **kwargs)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -402,9 +466,12 @@ class DataCollator:
             "attention_mask": mask,
             "labels": batch_labels,
         }
-        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
-        if images:
-            batch["pixel_values"] = torch.stack([torch.as_tensor(p) for p in images])
+        if self.image_inputs is not None:
+            batch.update(collate_image_inputs(features, length, self.image_inputs.nested))
+        else:
+            images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+            if images:
+                batch["pixel_values"] = torch.stack([torch.as_tensor(p) for p in images])
         if all("domain_id" in f for f in features):
             batch["domain_ids"] = torch.tensor([int(f["domain_id"]) for f in features])
         if self.loss_positions:

@@ -17,6 +17,9 @@ end-of-turn token) are trained on; everything else, image tokens included, is -1
 
 The ``<image>`` placeholder of a human turn is replaced by `num_image_tokens` copies of the
 model's image token id, as transformers' LLaVA expects the expanded tokens in ``input_ids``.
+For every other multimodal family it is replaced by the block the family's own processor makes
+of the image (``llava_mole.data.image_inputs``), which depends on the image's size: `encode` and
+`prompt` then take ``image_size``.
 
 Chat-template approach: the messages are rendered incrementally
 (``apply_chat_template(messages[:k], tokenize=False)``); each rendering must extend the previous
@@ -42,12 +45,14 @@ import torch
 from .formats import (
     ASSISTANT,
     IMAGE_PLACEHOLDER,
+    IMAGE_PLACEHOLDER_MISMATCH,
     IMAGE_TOKENS_TRUNCATED,
     NO_LABELS_AFTER_TRUNCATION,
     TEMPLATE_MISMATCH,
     USER,
     normalise_role,
 )
+from .image_inputs import image_inputs_for
 from .images import processor_input_size
 
 IGNORE_INDEX = -100
@@ -185,6 +190,9 @@ class ConversationEncoder:
         self.special_ids = set(self.tokenizer.all_special_ids)
         self._image_id: int | None = None
         self._num_image: int | None = None
+        # The family's processor-built image block (None: LLaVA-1.5's fixed expansion).
+        self.images = image_inputs_for(processor)
+        self._image_size: tuple[int, int] | None = None
         probe = self.tokenizer.convert_ids_to_tokens(
             self.tokenizer.encode("a", add_special_tokens=False)
         )
@@ -217,11 +225,15 @@ class ConversationEncoder:
         return self._num_image
 
     # ----------------------------------------------------------------- public API
-    def encode(self, turns: Sequence[tuple[str, str]]) -> EncodedConversation:
+    def encode(
+        self, turns: Sequence[tuple[str, str]], image_size: tuple[int, int] | None = None
+    ) -> EncodedConversation:
         """Encodes a full conversation (ending with an assistant turn) for training.
 
         Args:
             turns: ``(role, text)`` pairs, roles "user"/"assistant" (or human/gpt).
+            image_size: ``(width, height)`` of the sample's image, for families whose
+                processor builds the image block (None: no image; LLaVA-1.5 ignores it).
 
         Returns:
             The ids and labels, truncated to ``max_length``.
@@ -229,20 +241,13 @@ class ConversationEncoder:
         Raises:
             EncodeError: If the sample must be dropped (reason in ``.reason``).
         """
-        turns = _normalise(turns)
-        segments = self._segments(turns, generation=False)
-        ids: list[int] = []
-        labels: list[int] = []
-        for seg in segments:
-            ids.extend(seg.ids)
-            labels.extend(seg.ids if seg.trained else [IGNORE_INDEX] * len(seg.ids))
+        ids, labels = self._ids_and_labels(_normalise(turns), False, image_size)
         n_image_blocks = sum(IMAGE_PLACEHOLDER in text for _, text in turns)
-        self._check_image_tokens(ids, n_image_blocks)
 
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
             if n_image_blocks:
-                last_image = max(i for i, t in enumerate(ids) if t == self.image_token_id)
+                last_image = self._image_end(ids, image_size) - 1
                 if last_image >= self.max_length:
                     raise EncodeError(
                         IMAGE_TOKENS_TRUNCATED,
@@ -258,22 +263,67 @@ class ConversationEncoder:
             )
         return EncodedConversation(ids, labels, truncated)
 
-    def prompt(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+    def prompt(
+        self, turns: Sequence[tuple[str, str]], image_size: tuple[int, int] | None = None
+    ) -> list[int]:
         """Encodes a generation prompt: the turns (ending with a user turn) followed by the
         assistant prefix. Not truncated.
 
         Args:
             turns: ``(role, text)`` pairs ending with a user turn.
+            image_size: ``(width, height)`` of the image (see `encode`).
 
         Returns:
             Token ids, identical to the training ids of the same prefix.
         """
+        return self.prompt_encoded(turns, image_size).input_ids
+
+    def prompt_encoded(
+        self, turns: Sequence[tuple[str, str]], image_size: tuple[int, int] | None = None
+    ) -> EncodedConversation:
+        """`prompt` with labels on the earlier answers (for per-token inputs such as
+        PaliGemma's ``token_type_ids``, which must match training's)."""
         turns = _normalise(turns)
         if not turns or turns[-1][0] != USER:
             raise ValueError("a generation prompt must end with a user turn")
-        ids = [t for seg in self._segments(turns, generation=True) for t in seg.ids]
-        self._check_image_tokens(ids, sum(IMAGE_PLACEHOLDER in text for _, text in turns))
-        return ids
+        ids, labels = self._ids_and_labels(turns, True, image_size)
+        return EncodedConversation(ids, labels)
+
+    def _ids_and_labels(
+        self, turns: list[tuple[str, str]], generation: bool, size: tuple[int, int] | None
+    ) -> tuple[list[int], list[int]]:
+        """Concatenated segment ids and labels, the image tokens checked."""
+        n_blocks = sum(IMAGE_PLACEHOLDER in text for _, text in turns)
+        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+        if self.images is not None and placeholders != (size is not None):
+            given = "one image" if size is not None else "no image"
+            raise EncodeError(
+                IMAGE_PLACEHOLDER_MISMATCH,
+                f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {given} "
+                f"({self.images.family.name} needs exactly one placeholder per image)",
+            )
+        self._image_size = size
+        try:
+            segments = self._segments(turns, generation)
+        finally:
+            self._image_size = None
+        ids: list[int] = []
+        labels: list[int] = []
+        for seg in segments:
+            ids.extend(seg.ids)
+            labels.extend(seg.ids if seg.trained else [IGNORE_INDEX] * len(seg.ids))
+        if self.images is None:
+            self._check_image_tokens(ids, n_blocks)
+        elif size is not None and not self._image_end(ids, size):
+            raise EncodeError(TEMPLATE_MISMATCH, "the image block is missing from the prompt")
+        return ids, labels
+
+    def _image_end(self, ids: list[int], size: tuple[int, int] | None = None) -> int:
+        """Position just after the (last) image block."""
+        if self.images is None:
+            return max(i for i, t in enumerate(ids) if t == self.image_token_id) + 1
+        assert size is not None
+        return self.images.image_end(ids, size)
 
     # ----------------------------------------------------------------- helpers
     def _encode_text(self, text: str) -> list[int]:
@@ -288,7 +338,11 @@ class ConversationEncoder:
         parts = text.split(marker)
         ids = self._encode_text(parts[0])
         for part in parts[1:]:
-            ids.extend([self.image_token_id] * self.num_image_tokens)
+            if self.images is None:
+                ids.extend([self.image_token_id] * self.num_image_tokens)
+            else:
+                assert self._image_size is not None  # checked by _ids_and_labels
+                ids.extend(self.images.block_ids(self._image_size))
             ids.extend(self._encode_text(part))
         return ids
 
@@ -359,6 +413,8 @@ class ConversationEncoder:
     def _image_marker(self) -> str:
         if not self._list_content:
             return IMAGE_PLACEHOLDER
+        if self.images is not None:  # what the template renders for an image
+            return self.images.placeholder
         return getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
 
     def _suffix(self, rendered: str, previous: str) -> str:
@@ -468,6 +524,7 @@ def build_prompt_for_generation(
     processor: Any,
     template: TemplateName | str = "vicuna_v1",
     system: str | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Builds the input ids of a generation prompt, ending with the assistant prefix.
 
@@ -477,11 +534,13 @@ def build_prompt_for_generation(
         processor: The model's processor.
         template: ``vicuna_v1`` or ``chat_template``.
         system: ``vicuna_v1`` system prompt (None: LLaVA-1.5's; ``""``: none).
+        image_size: ``(width, height)`` of the image, for processor-built image blocks.
 
     Returns:
         A 1-D LongTensor of input ids (no labels); add a batch dimension for ``generate``.
     """
     if isinstance(question_turns, str):
         question_turns = [(USER, question_turns)]
-    ids = ConversationEncoder(processor, template, system=system).prompt(question_turns)
+    encoder = ConversationEncoder(processor, template, system=system)
+    ids = encoder.prompt(question_turns, image_size)
     return torch.tensor(ids, dtype=torch.long)

@@ -1,5 +1,6 @@
 """Batch inputs shared by the decoding loop and evaluation's routing forward: the model's
-device and dtype, pad and stop ids, left padding, stacked pixel values."""
+device and dtype, pad and stop ids, left padding, the image inputs (stacked pixel values for
+LLaVA-1.5, every processor-built input for the other families)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from llava_mole.data.image_inputs import collate_image_inputs, image_inputs_for
 from llava_mole.data.images import pixel_values
 
 __all__ = [
     "ImageInput",
+    "image_batch",
     "left_pad",
     "model_device",
     "model_dtype",
@@ -101,3 +104,54 @@ def left_pad(prompts: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor
             ids[row, length - len(prompt) :] = prompt
             mask[row, length - len(prompt) :] = 1
     return ids, mask
+
+
+def image_batch(
+    processor: Any,
+    rows: Sequence[torch.Tensor],
+    images: Sequence[ImageInput | None],
+    length: int,
+    *,
+    left: bool,
+    image_mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch of token rows, on the model's device.
+
+    LLaVA-1.5 (and text-only models): ``pixel_values`` stacked as `stack_pixels` does. Other
+    families: every input their processor makes of each row's image
+    (``llava_mole.data.image_inputs``), per-token ones padded to `length` on the same side as
+    the ids; floating tensors cast to `dtype`. Rows are generation prompts (no answer labels),
+    so PaliGemma's ``token_type_ids`` mark every row as prefix.
+
+    Args:
+        processor: The model's processor.
+        rows: The token ids of each row (with the image block where the image is).
+        images: One image (PIL; LLaVA-1.5 also a ``(3, H, W)`` tensor) or None per row.
+        length: The padded length of the batch.
+        left: Rows are left-padded (generation) rather than right-padded.
+        image_mode: ``pad`` or ``resize`` (LLaVA-1.5 only).
+        dtype: The model's floating dtype.
+        device: The model's device.
+    """
+    hook = image_inputs_for(processor)
+    if hook is None:
+        pixels = stack_pixels(images, processor, image_mode, dtype, device)
+        return {} if pixels is None else {"pixel_values": pixels}
+    features: list[dict[str, torch.Tensor]] = []
+    for ids, img in zip(rows, images, strict=True):
+        tokens = ids.tolist()
+        if img is None:
+            text_only = hook.rules.tokens != "cross_attention"
+            features.append(hook.token_inputs(tokens) if text_only else {})
+            continue
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"{hook.family.name} takes PIL images, not pixel tensors")
+        block = hook.block(img)
+        features.append({**block.tensors, **hook.token_inputs(tokens, None, block)})
+    batch = collate_image_inputs(features, length, hook.nested, left=left)
+    return {
+        k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        for k, v in batch.items()
+    }

@@ -32,11 +32,11 @@ from llava_mole.adapters.state import RoutingTrace, trace_routing
 from llava_mole.data.templates import get_tokenizer
 from llava_mole.eval.batching import (
     ImageInput,
+    image_batch,
     left_pad,
     model_device,
     model_dtype,
     pad_token_id,
-    stack_pixels,
     stop_ids,
 )
 
@@ -335,7 +335,8 @@ def generate_batch(
         model: A LLaVA-style model or causal LM in eval mode.
         processor: Its processor (or tokenizer).
         prompts: Prompt ids ending with the assistant prefix, image tokens expanded.
-        images: One PIL image, pixel tensor ``(3, H, W)`` or None per prompt (None: no images).
+        images: One PIL image, pixel tensor ``(3, H, W)`` (LLaVA-1.5) or None per prompt (None:
+            no images).
         params: Settings for all rows, or one per row.
         image_mode: ``pad`` or ``resize``, for PIL images.
         routing: Report each answer token's expert per MoLE block (MoLE adapters only).
@@ -398,13 +399,22 @@ def _batch_inputs(
     image_mode: str,
     pad_id: int,
 ) -> dict[str, Any]:
-    """``input_ids``, ``attention_mask`` (left padding) and ``pixel_values`` on the model."""
+    """``input_ids``, ``attention_mask`` (left padding) and the image inputs on the model."""
     device, dtype = model_device(model), model_dtype(model)
     ids, mask = left_pad(prompts, pad_id)
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    pixels = stack_pixels(images, processor, image_mode, dtype, device)
-    if pixels is not None:
-        inputs["pixel_values"] = pixels
+    inputs.update(
+        image_batch(
+            processor,
+            prompts,
+            images,
+            ids.shape[1],
+            left=True,
+            image_mode=image_mode,
+            dtype=dtype,
+            device=device,
+        )
+    )
     return inputs
 
 

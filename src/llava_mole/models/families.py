@@ -9,6 +9,9 @@ bare ``*Model`` classes are matched too (the same paths without the leading ``mo
 - ``projector``: what ``train_projector`` trains fully (the projector, connector or merger).
   Qwen2-VL's merger lives inside ``visual``: it is trained, the rest of ``visual`` is not.
 - ``vision``: module trees that are never adapted and never trained (the projector aside).
+- ``inputs``: how the family's processor builds a sample's image inputs (:class:`InputRules`,
+  applied by ``llava_mole.data.image_inputs``); ``None``: LLaVA-1.5's fixed expansion by the
+  prompt encoder (and text-only models).
 
 This module only describes models (no transformers import); ``llava_mole.adapters.targets``
 applies it.
@@ -35,6 +38,29 @@ GENERIC_PROJECTOR_NAME = "multi_modal_projector"
 
 
 @dataclass(frozen=True)
+class InputRules:
+    """How one family's processor turns an image into model inputs (data only).
+
+    Args:
+        placeholder: the text put where a sample's ``<image>`` is before the processor expands
+            it, formatted with the processor's attributes (``{image_token}``, ``{boi_token}``).
+        nested: the processor takes one image list per sample and returns its image tensors
+            per sample (``(1, n_images, ...)``), not per image.
+        tokens: how per-token inputs span the whole sequence: ``block`` (the processor's values
+            on the image block, 0 elsewhere: ``mm_token_type_ids``, Gemma 3's
+            ``token_type_ids``), ``prefix`` (PaliGemma: ``token_type_ids`` 0 on the prefix up to
+            the first answer token, 1 from there: the prefix attends bidirectionally) or
+            ``cross_attention`` (Mllama: ``cross_attention_mask`` 1 from the image token on).
+        processors: the processor class names of the family.
+    """
+
+    placeholder: str = "{image_token}"
+    nested: bool = False
+    tokens: str = "block"
+    processors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Family:
     """Where one family of Hugging Face models keeps its parts.
 
@@ -45,6 +71,8 @@ class Family:
         projector: dotted paths of the modules or parameters ``train_projector`` trains.
         vision: dotted paths of the vision tower(s), never adapted nor trained.
         notes: what differs in this family (README, ``describe``).
+        inputs: how its processor builds image inputs (None: LLaVA-1.5's fixed expansion, or
+            text only).
     """
 
     name: str
@@ -53,6 +81,7 @@ class Family:
     projector: tuple[str, ...] = ()
     vision: tuple[str, ...] = ()
     notes: str = ""
+    inputs: InputRules | None = None
 
     @property
     def multimodal(self) -> bool:
@@ -60,6 +89,7 @@ class Family:
         return bool(self.vision)
 
 
+_QWEN_IMAGE = "<|vision_start|>{image_token}<|vision_end|>"
 _LLAVA_PARTS = dict(
     language_model="model.language_model",
     projector=("model.multi_modal_projector",),
@@ -77,12 +107,14 @@ FAMILIES: tuple[Family, ...] = (
         "LLaVA-NeXT",
         ("llava_next",),
         **_LLAVA_PARTS,
+        inputs=InputRules(processors=("LlavaNextProcessor",)),
         notes="the learned image_newline vector stays frozen",
     ),
     Family(
         "LLaVA-OneVision",
         ("llava_onevision",),
         **_LLAVA_PARTS,
+        inputs=InputRules(processors=("LlavaOnevisionProcessor",)),
         notes="the learned image_newline vector stays frozen",
     ),
     Family(
@@ -92,6 +124,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model.visual.merger",),
         ("model.visual",),
         notes="the merger sits inside `visual`: it is trained, the rest of `visual` is frozen",
+        inputs=InputRules(_QWEN_IMAGE, processors=("Qwen2VLProcessor",)),
     ),
     Family(
         "Qwen2.5-VL",
@@ -100,6 +133,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model.visual.merger",),
         ("model.visual",),
         notes="as Qwen2-VL; the vision blocks' SwiGLU MLPs are never adapted",
+        inputs=InputRules(_QWEN_IMAGE, processors=("Qwen2_5_VLProcessor",)),
     ),
     Family(
         "Qwen3-VL",
@@ -108,6 +142,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model.visual.merger", "model.visual.deepstack_merger_list"),
         ("model.visual",),
         notes="the merger and the DeepStack mergers are trained, the rest of `visual` is frozen",
+        inputs=InputRules(_QWEN_IMAGE, processors=("Qwen3VLProcessor",)),
     ),
     Family(
         "Gemma 3",
@@ -115,6 +150,7 @@ FAMILIES: tuple[Family, ...] = (
         "model.language_model",
         ("model.multi_modal_projector",),
         ("model.vision_tower",),
+        inputs=InputRules("{boi_token}", processors=("Gemma3Processor",)),
     ),
     Family(
         "PaliGemma",
@@ -122,6 +158,7 @@ FAMILIES: tuple[Family, ...] = (
         "model.language_model",
         ("model.multi_modal_projector",),
         ("model.vision_tower",),
+        inputs=InputRules(tokens="prefix", processors=("PaliGemmaProcessor",)),
     ),
     Family(
         "Idefics3",
@@ -130,6 +167,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model.connector",),
         ("model.vision_model",),
         notes="the language model is `text_model`, the projector the pixel-shuffle `connector`",
+        inputs=InputRules(nested=True, processors=("Idefics3Processor",)),
     ),
     Family(
         "SmolVLM",
@@ -138,6 +176,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model.connector",),
         ("model.vision_model",),
         notes="as Idefics3",
+        inputs=InputRules(nested=True, processors=("SmolVLMProcessor",)),
     ),
     Family(
         "Mllama",
@@ -149,6 +188,7 @@ FAMILIES: tuple[Family, ...] = (
             "the cross-attention layers' q/k/v/o (`cross_attn`, part of the language model) get "
             "LoRA like self-attention; their tanh gates stay frozen"
         ),
+        inputs=InputRules(nested=True, tokens="cross_attention", processors=("MllamaProcessor",)),
     ),
     Family(
         "causal LM",
@@ -165,6 +205,20 @@ def family_of(model: nn.Module) -> Family | None:
     """The :class:`Family` of ``model`` (by ``config.model_type``), or ``None`` if unknown."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+
+
+_BY_PROCESSOR = {
+    name: family for family in FAMILIES if family.inputs for name in family.inputs.processors
+}
+
+
+def family_of_processor(processor: object) -> Family | None:
+    """The :class:`Family` whose processor class ``processor`` is (or derives from), or None."""
+    for cls in type(processor).__mro__:
+        family = _BY_PROCESSOR.get(cls.__name__)
+        if family is not None:
+            return family
+    return None
 
 
 def family_names() -> list[str]:
