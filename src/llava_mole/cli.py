@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from .eval.settings import EVAL_DEFAULTS, PREDICT_DEFAULTS
 from .models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
+from .toy import WORLD_NAMES
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -44,24 +45,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .models.tiny import make_tiny
 
+    if args.captions is not None:
+        from .paths import path_problem
+
+        problem = path_problem(args.captions, "file")
+        if problem:
+            raise ValueError(f"--captions {args.captions}: {problem}")
+        if args.no_pretrain:
+            raise ValueError("--captions is for pretraining: it cannot go with --no-pretrain")
     path = make_tiny(
-        args.out, seed=args.seed, pretrain=not args.no_pretrain, pretrain_steps=args.pretrain_steps
+        args.out,
+        seed=args.seed,
+        pretrain=not args.no_pretrain,
+        pretrain_steps=args.pretrain_steps,
+        captions=args.captions,
     )
     print(f"tiny LLaVA written to {path}")
     return 0
 
 
+_DEMO_WORLD_OPTIONS = {"num_classes": 24, "code_questions": "shared", "code_answers": "plain"}
+
+
 def cmd_make_data(args: argparse.Namespace) -> int:
     from .data.synthetic import make_data
 
+    demo_options = {k: getattr(args, k) for k in _DEMO_WORLD_OPTIONS}
+    if args.world != "demo":
+        from .toy.worlds import make_world
+
+        given = [k for k, v in demo_options.items() if v is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} is an option of the demo world, not of --world {args.world}")
+        path = make_world(
+            args.world,
+            args.out,
+            samples_per_domain=args.samples_per_domain,
+            test_per_domain=args.test_per_domain,
+            captions=args.captions,
+            seed=args.seed,
+        )
+        print(
+            f"world {args.world!r} written to {path} (mixture: {path / 'mixture.yaml'}, "
+            f"stage-1 captions: {path / 'captions.json'})"
+        )
+        return 0
+    options = {k: _DEMO_WORLD_OPTIONS[k] if v is None else v for k, v in demo_options.items()}
     path = make_data(
         args.out,
         samples_per_domain=args.samples_per_domain,
         test_per_domain=args.test_per_domain,
         seed=args.seed,
-        num_classes=args.num_classes,
-        code_questions=args.code_questions,
-        code_answers=args.code_answers,
+        **options,
     )
     print(f"synthetic domains written to {path} (mixture: {path / 'mixture.yaml'})")
     return 0
@@ -313,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pretrain", action="store_true", help="skip the stage-1 caption pretraining"
     )
     p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument(
+        "--captions",
+        default=None,
+        metavar="FILE",
+        help="pretrain on this captions file (LLaVA pretrain JSON, e.g. a world's captions.json)",
+    )
 
     p = add(
         "make-data",
@@ -325,18 +367,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--samples-per-domain", type=_at_least(1), default=600)
     p.add_argument("--test-per-domain", type=_at_least(1), default=200)
-    p.add_argument("--num-classes", type=_at_least(2), default=24)
+    p.add_argument(
+        "--world",
+        choices=("demo", *WORLD_NAMES),
+        default="demo",
+        help="the demo's world, or one of the worlds it was not tuned for (llava_mole.toy.worlds)",
+    )
+    p.add_argument("--num-classes", type=_at_least(2), default=None, help="demo world (24)")
     p.add_argument(
         "--code-questions",
         choices=("shared", "domain"),
-        default="shared",
-        help="one code question for all domains, or one wording per domain",
+        default=None,
+        help="demo world: one code question for all domains (default), or one per domain",
     )
     p.add_argument(
         "--code-answers",
         choices=("plain", "domain"),
-        default="plain",
-        help="code answers as the bare code word, or after the domain's subject ('slide xray')",
+        default=None,
+        help="demo world: the bare code word (default), or after the domain's subject",
+    )
+    p.add_argument(
+        "--captions",
+        type=_at_least(0),
+        default=6000,
+        help="other worlds: stage-1 caption records to write (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0)
 

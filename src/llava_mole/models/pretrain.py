@@ -16,11 +16,15 @@ pretrained LM can) without being taught which image goes with which code.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -200,6 +204,61 @@ def synthetic_caption_set(
     return encode_captions(processor, items())
 
 
+def caption_file_sets(
+    processor: LlavaProcessor, path: str | Path, heldout: int, seed: int = 0
+) -> tuple[CaptionSet, CaptionSet]:
+    """Training and held-out sets from a captions file in LLaVA's pretrain format.
+
+    Each record is ``{"image": <path relative to the file's folder>, "conversations": [{"from":
+    "human", "value": "<image>\\n<question>"}, {"from": "gpt", "value": <caption>}]}`` (the
+    format of LLaVA's ``blip_laion_cc_sbu_558k.json``); the question after ``<image>`` is kept,
+    so "Say the word W." records work too. A seeded ``heldout`` records (at most a tenth) are
+    held out for the before/after loss.
+
+    Raises:
+        ValueError: One line naming the file and the first bad record.
+    """
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read captions file {path}: {e}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"captions file {path}: expected a non-empty JSON list of records")
+    examples = [_caption_example(path, k, r) for k, r in enumerate(records)]
+    order = np.random.default_rng([seed, 5]).permutation(len(examples))
+    n_held = min(heldout, len(examples) // 10)
+    held = sorted(order[:n_held].tolist())
+    held_set = set(held)
+    train = [examples[k] for k in range(len(examples)) if k not in held_set]
+    return encode_captions(processor, train), encode_captions(
+        processor, [examples[k] for k in held]
+    )
+
+
+def _caption_example(path: Path, k: int, record: Any) -> tuple[Image.Image, str, str]:
+    where = f"captions file {path}, record {k}"
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        raise ValueError(f"{where}: needs an 'image' path")
+    turns = record.get("conversations")
+    if (
+        not isinstance(turns, list)
+        or len(turns) != 2
+        or not all(isinstance(t, dict) for t in turns)
+    ):
+        raise ValueError(f"{where}: needs 'conversations' with one human and one gpt turn")
+    question, caption = (str(t.get("value", "")) for t in turns)
+    if "<image>" not in question or not caption.strip():
+        raise ValueError(f"{where}: the human turn needs '<image>' and the gpt turn a caption")
+    question = question.replace("<image>", "").strip() or synthetic.PRETRAIN_QUESTION
+    try:
+        with Image.open(path.parent / record["image"]) as img:
+            image = img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: cannot open image {record['image']!r}: {e}") from None
+    return image, caption.strip(), question
+
+
 def collate(data: CaptionSet, index: Sequence[int], pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad a batch of examples.
 
@@ -306,6 +365,7 @@ def pretrain_captions(
     config: PretrainConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    captions: str | Path | None = None,
 ) -> PretrainResult:
     """Full-parameter captioning pretraining (in place).
 
@@ -317,6 +377,8 @@ def pretrain_captions(
         config: Hyper-parameters; defaults to :class:`PretrainConfig`.
         seed: Seed of data generation and batch order.
         progress: Show a tqdm progress bar.
+        captions: A captions file in LLaVA's pretrain format (:func:`caption_file_sets`)
+            instead of the demo world's generated captions.
 
     Returns:
         A :class:`PretrainResult` with final training and held-out losses.
@@ -325,10 +387,14 @@ def pretrain_captions(
     start = time.perf_counter()
     torch.manual_seed(seed)
     pad = processor.tokenizer.pad_token_id
-    train = synthetic_caption_set(
-        processor, _train_counts(cfg), seed=seed, stream=0, say_word_share=cfg.say_word_share
-    )
-    heldout = synthetic_caption_set(processor, cfg.heldout_per_domain, seed=seed, stream=1)
+    if captions is not None:
+        n_held = cfg.heldout_per_domain * len(synthetic.DATASETS)
+        train, heldout = caption_file_sets(processor, captions, n_held, seed)
+    else:
+        train = synthetic_caption_set(
+            processor, _train_counts(cfg), seed=seed, stream=0, say_word_share=cfg.say_word_share
+        )
+        heldout = synthetic_caption_set(processor, cfg.heldout_per_domain, seed=seed, stream=1)
     loss_init = caption_loss(model, heldout, pad)
 
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))

@@ -278,30 +278,50 @@ def _source_fingerprint() -> str:
     return digest.hexdigest()[:10]
 
 
-def cache_key(seed: int, steps: int) -> str:
+def captions_fingerprint(captions: str | Path) -> str:
+    """Short hash of a captions file and every image it names (part of the cache key)."""
+    path = Path(captions)
+    digest = hashlib.sha256(path.read_bytes())
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return digest.hexdigest()[:10]  # pretraining reports the bad file in one line
+    for image in sorted({r.get("image") for r in records if isinstance(r, dict)} - {None}):
+        file = path.parent / str(image)
+        digest.update(file.read_bytes() if file.is_file() else b"missing")
+    return digest.hexdigest()[:10]
+
+
+def cache_key(seed: int, steps: int, captions: str | Path | None = None) -> str:
     """Cache key of a pretrained build.
 
     Args:
         seed: Build seed.
         steps: Pretraining steps.
+        captions: The captions file pretrained on (None: the demo world's captions).
 
     Returns:
-        A directory-name-safe key: spec version, seed, steps and a source fingerprint.
+        A directory-name-safe key: spec version, seed, steps, a source fingerprint and, for a
+        captions file, its fingerprint.
     """
-    return f"{BUILD_SPEC_VERSION}-seed{seed}-steps{steps}-{_source_fingerprint()}"
+    key = f"{BUILD_SPEC_VERSION}-seed{seed}-steps{steps}-{_source_fingerprint()}"
+    return key if captions is None else f"{key}-captions{captions_fingerprint(captions)}"
 
 
-def tiny_cache_dir(seed: int = 0, steps: int = DEFAULT_PRETRAIN_STEPS) -> Path:
+def tiny_cache_dir(
+    seed: int = 0, steps: int = DEFAULT_PRETRAIN_STEPS, captions: str | Path | None = None
+) -> Path:
     """Where a pretrained build is cached.
 
     Args:
         seed: Build seed.
         steps: Pretraining steps.
+        captions: The captions file pretrained on (None: the demo world's).
 
     Returns:
         ``<cache_root>/tiny/<key>``.
     """
-    return cache_root() / "tiny" / cache_key(seed, steps)
+    return cache_root() / "tiny" / cache_key(seed, steps, captions)
 
 
 def _copy_dir(src: Path, dst: Path) -> None:
@@ -330,6 +350,7 @@ def make_tiny(
     pretrain: bool = True,
     pretrain_steps: int | None = None,
     progress: bool = True,
+    captions: str | Path | None = None,
 ) -> Path:
     """Write the tiny LLaVA model directory (model, tokenizer, processor, marker).
 
@@ -340,6 +361,9 @@ def make_tiny(
         pretrain_steps: Optimiser steps of pretraining; ``None`` uses
             :data:`DEFAULT_PRETRAIN_STEPS`.
         progress: Print progress (tqdm bar while pretraining).
+        captions: Pretrain on this captions file (LLaVA's pretrain JSON format, e.g. the
+            ``captions.json`` of a :mod:`llava_mole.toy.worlds` world) instead of the demo
+            world's captions. The tokenizer stays the built-in one (byte-level: any text works).
 
     Returns:
         ``out_dir`` as a :class:`Path`; loadable with ``AutoProcessor.from_pretrained`` and
@@ -354,8 +378,10 @@ def make_tiny(
         "pretrain": pretrain,
         "pretrain_steps": steps if pretrain else 0,
     }
+    if captions is not None:
+        marker["pretrain_captions"] = str(Path(captions).resolve())
     if pretrain:
-        cached = tiny_cache_dir(seed, steps)
+        cached = tiny_cache_dir(seed, steps, captions)
         if (cached / MARKER_FILE).is_file():
             if progress:
                 print(f"[llava-mole] tiny model from cache {cached}")
@@ -376,7 +402,12 @@ def make_tiny(
         torch.set_num_threads(PRETRAIN_THREADS)
         try:
             result = pretrain_captions(
-                model, processor, PretrainConfig(steps=steps), seed=seed, progress=progress
+                model,
+                processor,
+                PretrainConfig(steps=steps),
+                seed=seed,
+                progress=progress,
+                captions=captions,
             )
         finally:
             torch.set_num_threads(threads)
@@ -397,8 +428,8 @@ def make_tiny(
         _save(model, processor, out, marker)
         return out
 
-    marker["cache_key"] = cache_key(seed, steps)
-    cached = tiny_cache_dir(seed, steps)
+    marker["cache_key"] = cache_key(seed, steps, captions)
+    cached = tiny_cache_dir(seed, steps, captions)
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = cached.parent / f".{cached.name}.{uuid.uuid4().hex}"
     _save(model, processor, staging, marker)

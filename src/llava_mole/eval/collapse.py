@@ -1,0 +1,132 @@
+"""Silent failures a score alone hides: answer-distribution collapse and dead experts.
+
+A run can fail without any error: a MoLE seed that answers the same two words for 91% of a
+domain's test samples scores near zero there while its loss stays flat and no router warning
+fires (issue 18). These checks turn such runs into named findings.
+
+Answer collapse
+    For one domain with predictions ``p_i`` and references ``r_i`` (normalised: lower case,
+    single spaces), let ``s_p = max_a #{i: p_i = a} / n`` be the share of the most frequent
+    prediction and ``s_r`` the same share over the references. The domain has collapsed when
+    ``s_p >= min_share`` and ``s_p >= ratio * s_r``: most answers are one string, far more
+    often than the data gives that reason to. A domain whose references are mostly one answer
+    (a yes/no set with 80% "yes") is not flagged for predicting it.
+Expert health
+    For a MoLE block with ``K`` experts and token shares ``f_1..f_K`` (summing to 1), expert
+    ``k`` is *dead* when ``f_k < dead_share / K`` (under a tenth of its fair share by default)
+    and *monopolising* when ``f_k >= 1 - 1 / (2K)`` (0.75 at K=2, 0.83 at K=3, 0.88 at K=4):
+    the router then sends nearly every token to one expert, which is plain LoRA at K times
+    the parameters. (LLaVA-MoLE, arXiv 2401.16160, balances with an auxiliary loss for this.)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["AnswerCollapse", "ExpertFinding", "answer_collapse", "expert_findings"]
+
+
+@dataclass(frozen=True)
+class AnswerCollapse:
+    """A domain whose predictions are mostly one answer.
+
+    Attributes:
+        domain: The domain.
+        answer: The dominant (normalised) prediction.
+        share: Its share of the domain's predictions.
+        reference_share: Share of the most frequent reference answer.
+        n: Predictions looked at.
+    """
+
+    domain: str
+    answer: str
+    share: float
+    reference_share: float
+    n: int
+
+    def message(self, run: str = "") -> str:
+        where = f"{run}: " if run else ""
+        return (
+            f"{where}answer collapse on {self.domain}: {self.share:.0%} of {self.n} predictions "
+            f"are {self.answer!r} (the most frequent reference is {self.reference_share:.0%})"
+        )
+
+
+@dataclass(frozen=True)
+class ExpertFinding:
+    """An expert of one MoLE block that gets (almost) no tokens, or (almost) all of them."""
+
+    block: int
+    expert: int
+    share: float
+    kind: Literal["dead", "monopolising"]
+
+    def message(self, run: str = "") -> str:
+        where = f"{run}: " if run else ""
+        return f"{where}{self.kind} expert {self.expert} in block {self.block}: {self.share:.1%} of tokens"
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def answer_collapse(
+    domain: str,
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    min_share: float = 0.5,
+    ratio: float = 2.0,
+    min_items: int = 10,
+) -> AnswerCollapse | None:
+    """The collapse of one domain's predictions, or None (see the module docstring).
+
+    Args:
+        domain: Domain name (for the finding).
+        predictions: One prediction per test item.
+        references: The reference answer of each item (the first, if several).
+        min_share: Smallest dominant-prediction share flagged.
+        ratio: How many times the most frequent reference's share it must reach.
+        min_items: Fewer predictions than this are never flagged (too few to tell).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n = len(predictions)
+    if n < min_items:
+        return None
+    answer, count = Counter(_normalise(p) for p in predictions).most_common(1)[0]
+    reference_share = Counter(_normalise(r) for r in references).most_common(1)[0][1] / n
+    share = count / n
+    if share >= min_share and share >= ratio * reference_share:
+        return AnswerCollapse(domain, answer, share, reference_share, n)
+    return None
+
+
+def expert_findings(
+    loads: Sequence[Sequence[float]], *, dead_share: float = 0.1
+) -> list[ExpertFinding]:
+    """Dead and monopolising experts of every block (see the module docstring).
+
+    Args:
+        loads: Per block, the share of tokens each expert received (rows sum to ~1).
+        dead_share: An expert is dead below this fraction of its fair share ``1/K``.
+
+    Returns:
+        The findings, by block then expert; empty for K = 1 or a healthy router.
+    """
+    found: list[ExpertFinding] = []
+    for block, row in enumerate(loads):
+        k = len(row)
+        if k < 2:
+            continue
+        total = float(sum(row)) or 1.0
+        for expert, value in enumerate(row):
+            share = float(value) / total
+            if share < dead_share / k:
+                found.append(ExpertFinding(block, expert, share, "dead"))
+            elif share >= 1 - 1 / (2 * k):
+                found.append(ExpertFinding(block, expert, share, "monopolising"))
+    return found

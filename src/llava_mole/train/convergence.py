@@ -1,0 +1,258 @@
+"""Training to convergence: a held-out dev split, a dev score, and early stopping on it.
+
+A study that compares runs at one step count measures undertraining as much as data conflict
+(issue 18): a mixed run that needs more steps than a single-domain one looks "conflicted". Here
+each run can instead train until its dev score stops improving and keep its best weights.
+
+Dev split
+    :func:`carve_dev` takes ``per_domain`` samples of each domain out of the training samples
+    (a seeded choice, independent of the training order), so the dev items are never trained
+    on and every domain is represented equally however unequal the mixture is.
+Dev score
+    :func:`teacher_forced_exact` scores an item 1 when, under teacher forcing, the argmax at
+    every labelled position is the label (answer tokens and the end token). That is exactly
+    the event "greedy decoding reproduces the reference answer": if the first ``t`` greedy
+    tokens equal the reference, the model sees the same prefix as under teacher forcing, so
+    token ``t+1`` is the same argmax. One forward per batch instead of a generation loop. The
+    run's score is the macro mean over domains.
+Stopping rule
+    Every ``every`` steps the score ``s`` is compared with the best so far ``b``: ``s > b +
+    min_delta`` is an improvement (best weights saved); otherwise a strike. After ``patience``
+    strikes in a row training stops; ``train.max_steps`` is the budget. The final adapter is
+    the best one. The rule's state is rebuilt from the logged dev scores of the Trainer's log
+    history, so a resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import TrainerCallback
+
+IGNORE_INDEX = -100
+DEV_KEY = "dev/score"
+BEST_FILE = "dev-best.safetensors"
+
+__all__ = [
+    "ConvergenceRule",
+    "DevEarlyStopping",
+    "DevScore",
+    "carve_dev",
+    "teacher_forced_exact",
+]
+
+
+@dataclass(frozen=True)
+class ConvergenceRule:
+    """When a run has converged.
+
+    Attributes:
+        every: Steps between dev evaluations.
+        patience: Evaluations in a row without improvement that end the run.
+        min_delta: An improvement must exceed the best score by more than this.
+    """
+
+    every: int = 100
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.patience < 1 or self.min_delta < 0:
+            raise ValueError(
+                f"convergence: every and patience must be >= 1 and min_delta >= 0, got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class DevScore:
+    """Teacher-forced exact match on the dev split.
+
+    Attributes:
+        per_domain: Score of each domain (domain name -> share of exact items).
+        counts: Dev items per domain.
+    """
+
+    per_domain: dict[str, float]
+    counts: dict[str, int]
+
+    @property
+    def macro(self) -> float:
+        return float(np.mean(list(self.per_domain.values()))) if self.per_domain else 0.0
+
+
+def carve_dev(domains: Sequence[str], per_domain: int, seed: int) -> tuple[list[int], list[int]]:
+    """Splits item indices into training and dev indices, ``per_domain`` dev items per domain.
+
+    Args:
+        domains: The domain of each training item.
+        per_domain: Dev items per domain (a domain with fewer than twice as many items keeps
+            half of them for training).
+        seed: Seed of the choice.
+
+    Returns:
+        ``(train, dev)`` index lists, each ascending.
+    """
+    if per_domain < 1:
+        raise ValueError(f"dev items per domain must be >= 1, got {per_domain}")
+    rng = np.random.default_rng([seed, 7919])
+    dev: list[int] = []
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(domains):
+        by_domain.setdefault(d, []).append(i)
+    for d in sorted(by_domain):
+        items = np.asarray(by_domain[d])
+        take = min(per_domain, len(items) // 2)
+        dev.extend(items[rng.permutation(len(items))[:take]].tolist())
+    chosen = set(dev)
+    return [i for i in range(len(domains)) if i not in chosen], sorted(dev)
+
+
+@torch.no_grad()
+def teacher_forced_exact(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], domains: Sequence[str]
+) -> DevScore:
+    """Per-domain teacher-forced exact match (see the module docstring).
+
+    Args:
+        model: The model (put in eval mode for the call; its mode is restored).
+        batches: Collated batches with ``labels`` and ``domain_ids``.
+        domains: Domain names, indexed by ``domain_ids``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    exact = np.zeros(len(domains))
+    total = np.zeros(len(domains), dtype=np.int64)
+    try:
+        for batch in batches:
+            labels, domain_ids = batch["labels"], batch["domain_ids"]
+            inputs = {
+                k: v.to(device) for k, v in batch.items() if k not in ("labels", "domain_ids")
+            }
+            inputs.pop("loss_positions", None)
+            logits = model(**inputs).logits[:, :-1]
+            target = labels[:, 1:].to(device)
+            wrong = (logits.argmax(-1) != target) & (target != IGNORE_INDEX)
+            ok = (~wrong.any(dim=1)).cpu().numpy()
+            for d, good in zip(domain_ids.tolist(), ok.tolist()):
+                exact[d] += good
+                total[d] += 1
+    finally:
+        model.train(was_training)
+    kept = [k for k in range(len(domains)) if total[k] > 0]
+    return DevScore(
+        {domains[k]: float(exact[k] / total[k]) for k in kept},
+        {domains[k]: int(total[k]) for k in kept},
+    )
+
+
+@dataclass
+class _Progress:
+    best: float = float("-inf")
+    best_step: int = 0
+    strikes: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    converged_at: int | None = None
+
+
+class DevEarlyStopping(TrainerCallback):
+    """Evaluates the dev score every ``rule.every`` steps, saves the best weights, stops the
+    run after ``rule.patience`` evaluations without improvement (see the module docstring).
+
+    Args:
+        rule: The stopping rule.
+        score: Computes the dev score of a model.
+        output_dir: Where ``dev-best.safetensors`` (the best trainable weights) is written.
+        log: Adds numbers to the Trainer's log (``trainer.log``), so they reach logs.jsonl and
+            the log history a resume rebuilds the rule from.
+    """
+
+    def __init__(
+        self,
+        rule: ConvergenceRule,
+        score: Callable[[nn.Module], DevScore],
+        output_dir: str | Path,
+        log: Callable[[dict[str, float]], None],
+    ) -> None:
+        self.rule, self.score, self.log = rule, score, log
+        self.best_path = Path(output_dir) / BEST_FILE
+        self.progress = _Progress()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Replays the logged dev scores of a resumed run through the rule."""
+        self.progress = _Progress()
+        for record in state.log_history:
+            if DEV_KEY in record:
+                self._judge(int(record["step"]), float(record[DEV_KEY]))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.rule.every and step < state.max_steps:
+            return control
+        result = self.score(model)
+        self.log(
+            {DEV_KEY: round(result.macro, 6)}
+            | {f"dev/{d}": v for d, v in result.per_domain.items()}
+        )
+        if self._judge(step, result.macro):
+            trainable = {
+                n: p.detach().cpu().contiguous()
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            }
+            save_file(trainable, str(self.best_path), metadata={"step": str(step)})
+        if self.progress.converged_at is not None:
+            control.should_training_stop = True
+        return control
+
+    def _judge(self, step: int, value: float) -> bool:
+        """Applies the rule to one evaluation; True when it is the new best."""
+        p = self.progress
+        p.curve.append((step, value))
+        if value > p.best + self.rule.min_delta or not p.curve[:-1]:
+            p.best, p.best_step, p.strikes = value, step, 0
+            return True
+        p.strikes += 1
+        if p.strikes >= self.rule.patience:
+            p.converged_at = step
+        return False
+
+    def restore_best(self, model: nn.Module) -> int:
+        """Loads the best weights into `model`; returns their step."""
+        if not self.best_path.is_file():
+            raise FileNotFoundError(f"{self.best_path}: no dev-best weights were saved")
+        with safe_open(str(self.best_path), "pt") as handle:
+            step = int(handle.metadata()["step"])
+        if step != self.progress.best_step:
+            raise RuntimeError(
+                f"{self.best_path} holds step {step}, but the dev curve's best is step "
+                f"{self.progress.best_step}"
+            )
+        params = dict(model.named_parameters())
+        weights = load_file(str(self.best_path))
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise RuntimeError(f"{self.best_path}: unknown parameters {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        return step
+
+    def summary(self) -> dict[str, object]:
+        """The numbers a run's summary reports."""
+        p = self.progress
+        return {
+            "best_step": p.best_step,
+            "best_dev_score": p.best,
+            "converged_at": p.converged_at,
+            "dev_curve": [[s, v] for s, v in p.curve],
+            "rule": json.loads(json.dumps(self.rule.__dict__)),
+        }

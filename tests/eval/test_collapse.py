@@ -1,0 +1,53 @@
+"""Answer-distribution collapse and expert health: the silent failures named."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_mole.eval.collapse import answer_collapse, expert_findings
+
+
+def test_a_domain_answering_one_string_is_named_with_its_share():
+    references = [f"word{i % 20}" for i in range(100)]
+    predictions = ["Alpha  Bravo"] * 91 + references[:9]
+    found = answer_collapse("document", predictions, references)
+    assert found is not None
+    assert (found.answer, found.share, found.reference_share, found.n) == (
+        "alpha bravo",
+        0.91,
+        0.05,
+        100,
+    )
+    assert "document" in found.message("mix_mole seed 1") and "91%" in found.message()
+
+
+def test_skewed_references_and_healthy_or_tiny_domains_are_not_flagged():
+    yes_no = ["yes"] * 80 + ["no"] * 20
+    assert (
+        answer_collapse("vqa", ["yes"] * 100, yes_no) is None
+    )  # the data is skewed, not the model
+    varied = [f"a{i % 7}" for i in range(70)]
+    assert answer_collapse("general", varied, varied) is None
+    assert answer_collapse("general", ["x"] * 5, [str(i) for i in range(5)]) is None  # too few
+    # The boundary: exactly min_share and exactly ratio x the reference share is flagged.
+    refs = [f"r{i % 4}" for i in range(40)]  # top reference share 0.25
+    assert answer_collapse("d", ["z"] * 20 + refs[:20], refs) is not None
+    assert answer_collapse("d", ["z"] * 19 + refs[:21], refs) is None
+    with pytest.raises(ValueError, match="3 predictions for 2 references"):
+        answer_collapse("d", ["a", "b", "c"], ["a", "b"])
+
+
+def test_dead_and_monopolising_experts_per_block():
+    loads = [
+        [0.34, 0.33, 0.33],  # healthy
+        [0.90, 0.08, 0.02],  # expert 0 monopolises (>= 0.833), expert 2 is dead (< 0.0333)
+        [0.5, 0.5, 0.0],  # expert 2 dead
+    ]
+    found = [(f.block, f.expert, f.kind) for f in expert_findings(loads)]
+    assert found == [(1, 0, "monopolising"), (1, 2, "dead"), (2, 2, "dead")]
+    assert expert_findings([[1.0]]) == []  # K = 1 is plain LoRA
+    assert (
+        expert_findings([[0.74, 0.26]]) == []
+        and expert_findings([[0.75, 0.25]])[0].kind == "monopolising"
+    )
+    assert "block 1" in expert_findings(loads)[0].message("run a")

@@ -1,0 +1,114 @@
+"""Dev split, teacher-forced dev score and the early-stopping rule (issue 18, part 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerControl, TrainerState
+
+from llava_mole.models.tiny import make_tiny
+from llava_mole.train.convergence import (
+    BEST_FILE,
+    DEV_KEY,
+    ConvergenceRule,
+    DevEarlyStopping,
+    DevScore,
+    carve_dev,
+    teacher_forced_exact,
+)
+
+
+def test_carve_dev_takes_the_same_count_from_every_domain_seeded_and_disjoint():
+    domains = ["a"] * 50 + ["b"] * 10 + ["c"] * 7
+    train, dev = carve_dev(domains, per_domain=8, seed=0)
+    assert sorted(train + dev) == list(range(len(domains))) and not set(train) & set(dev)
+    counts = {d: sum(domains[i] == d for i in dev) for d in "abc"}
+    assert counts == {"a": 8, "b": 5, "c": 3}  # small domains keep half for training
+    assert carve_dev(domains, 8, seed=0) == (train, dev)
+    assert carve_dev(domains, 8, seed=1)[1] != dev
+    with pytest.raises(ValueError, match="dev items per domain"):
+        carve_dev(domains, 0, seed=0)
+
+
+def test_teacher_forced_exact_is_greedy_decoding_reproducing_the_reference(tmp_path):
+    tiny = make_tiny(tmp_path / "tiny", seed=0, pretrain=False, progress=False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny).eval()
+    tokenizer = AutoProcessor.from_pretrained(tiny).tokenizer
+    prompt = torch.tensor([tokenizer.encode("What is the code for this image?")])
+    greedy = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)[
+        0, prompt.shape[1] :
+    ]
+    wrong = greedy.clone()
+    wrong[2] = (wrong[2] + 1) % model.config.text_config.vocab_size
+    rows = []
+    for answer in (greedy, wrong):
+        ids = torch.cat([prompt[0], answer])
+        labels = torch.cat([torch.full_like(prompt[0], -100), answer])
+        rows.append((ids, labels))
+    batch = {
+        "input_ids": torch.stack([r[0] for r in rows]),
+        "attention_mask": torch.ones(2, rows[0][0].numel(), dtype=torch.long),
+        "labels": torch.stack([r[1] for r in rows]),
+        "domain_ids": torch.tensor([0, 1]),
+    }
+    score = teacher_forced_exact(model, [batch], ["greedy", "perturbed"])
+    assert score.per_domain == {"greedy": 1.0, "perturbed": 0.0}
+    assert score.counts == {"greedy": 1, "perturbed": 1} and score.macro == 0.5
+    assert not model.training
+
+
+def _drive(callback: DevEarlyStopping, model: nn.Module, state: TrainerState, steps: range):
+    control = TrainerControl()
+    for step in steps:
+        state.global_step = step
+        callback.on_step_end(None, state, control, model=model)
+        if control.should_training_stop:
+            return step
+    return None
+
+
+def test_the_rule_stops_after_patience_keeps_the_best_weights_and_replays_on_resume(tmp_path):
+    scores = iter([0.1, 0.3, 0.303, 0.2, 0.25, 0.9])
+    model = nn.Linear(2, 2)
+    logged: list[dict] = []
+
+    def score(m: nn.Module) -> DevScore:
+        value = next(scores)
+        with torch.no_grad():
+            m.weight.fill_(value)  # the weights at each evaluation are recognisable
+        return DevScore({"d": value}, {"d": 4})
+
+    state = TrainerState(max_steps=100)
+    state.log_history = []
+
+    def log(values: dict) -> None:
+        logged.append({"step": state.global_step, **values})
+        state.log_history.append(logged[-1])
+
+    rule = ConvergenceRule(every=10, patience=3, min_delta=0.005)
+    callback = DevEarlyStopping(rule, score, tmp_path, log)
+    callback.on_train_begin(None, state, TrainerControl())
+    stopped = _drive(callback, model, state, range(1, 101))
+    # 0.303 is within min_delta of 0.3: a strike, as are 0.2 and 0.25 -> stop at step 50.
+    assert stopped == 50 and [r[DEV_KEY] for r in logged] == [0.1, 0.3, 0.303, 0.2, 0.25]
+    summary = callback.summary()
+    assert (summary["best_step"], summary["best_dev_score"], summary["converged_at"]) == (
+        20,
+        0.3,
+        50,
+    )
+    assert (tmp_path / BEST_FILE).is_file()
+    assert callback.restore_best(model) == 20 and torch.all(model.weight == 0.3)
+
+    # A resumed run rebuilds the rule from the log history up to its checkpoint (step 30).
+    resumed_state = TrainerState(max_steps=100)
+    resumed_state.log_history = [r for r in logged if r["step"] <= 30]
+    again = DevEarlyStopping(rule, score, tmp_path, log)
+    again.on_train_begin(None, resumed_state, TrainerControl())
+    assert (again.progress.best_step, again.progress.strikes) == (20, 1)
+
+
+def test_rule_settings_are_checked():
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        ConvergenceRule(every=10, patience=0)
