@@ -62,7 +62,12 @@ __all__ = ["WORLDS", "WorldDomain", "make_world"]
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES: tuple[str, ...] = ("square", "triangle", "circle", "cross")
 STYLE_QUESTION = "What is in the image?"
-_SIZE_STEPS = (4.0, 5.5, 7.0, 8.0)  # shape sizes (px at 32 px) of the skills world: distinct, fit 4 in a row
+_SIZE_STEPS = (
+    4.0,
+    5.5,
+    7.0,
+    8.0,
+)  # shape sizes (px at 32 px) of the skills world: distinct, fit 4 in a row
 
 
 @dataclass(frozen=True)
