@@ -74,7 +74,10 @@ class ExpertDeltas:
         self.fuse = fuse
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """The block input ``(N, d)`` in the row order the block runs in (default: as given)."""
+        """The block input ``(N, d)`` in the row order the block runs in (default: as given).
+
+        Called once per forward, before any :meth:`add`, with the block input.
+        """
         return x
 
     def leave(self, y: torch.Tensor) -> torch.Tensor:
