@@ -104,6 +104,8 @@ def test_adapter_section_is_mole_config():
         20.0,
     )
     assert config.to_dict()["adapter"]["type"] == "lora"
+    with pytest.raises(ConfigError, match=r"^adapter.extra: not a setting"):
+        load_train_config(None, [*BASE, "adapter.extra={a: 1}"])
     with pytest.raises(ConfigError, match=r"^adapter.top_k: must be <= num_experts \(2\)"):
         load_train_config(None, [*BASE, "adapter.num_experts=2", "adapter.top_k=3"])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ArgsKwargs
 
 from .. import schema
@@ -284,12 +284,16 @@ class TrainConfig:
 
     @field_validator("model", "data", "adapter", "train", mode="before")
     @classmethod
-    def _section(cls, value: Any) -> Any:
+    def _section(cls, value: Any, info: ValidationInfo) -> Any:
         """An empty section (``train:``) is the defaults; an ``AdapterSection`` its mapping."""
         if value is None:
             return {}
         if isinstance(value, AdapterSection):
             return dataclasses.asdict(value)
+        if info.field_name == "adapter" and isinstance(value, dict):
+            for name in _NOT_IN_YAML:
+                if name in value:
+                    raise ValueError(f"adapter.{name}: not a setting (the adapter file's metadata)")
         return value
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,6 +36,10 @@ RESUME_FREE_KEYS = frozenset(
         "train.collapse_window",
         "train.dist_timeout",
         "adapter.dispatch",
+        # Trainer fields that only change what is reported, never what is trained.
+        "train.disable_tqdm",
+        "train.run_name",
+        "train.logging_dir",
         "output_dir",  # a run folder that was moved is the same run
     }
 )
