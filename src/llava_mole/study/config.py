@@ -37,6 +37,7 @@ __all__ = [
     "ConvergenceSection",
     "EvalSection",
     "ExtraSetting",
+    "PlotsSection",
     "StudyConfig",
     "load_study",
 ]
@@ -124,6 +125,18 @@ class ExtraSetting:
 
 
 @schema.section
+class PlotsSection:
+    """How the figures are drawn.
+
+    Args:
+        loss_scale: y axis of ``loss_curves.png``: ``linear`` (limits from the 2nd-98th
+            percentile of the losses after each run's first 10% of logged steps) or ``log``.
+    """
+
+    loss_scale: Literal["linear", "log"] = "linear"
+
+
+@schema.section
 class _StudyFile:
     """The study YAML as written (see :func:`load_study`); checked further there."""
 
@@ -138,7 +151,9 @@ class _StudyFile:
     eval: EvalSection | None = None
     convergence: ConvergenceSection | None = None
     bootstrap: BootstrapSection | None = None
+    plots: PlotsSection | None = None
     workers: Annotated[schema.Int, schema.at_least(1)] = 1
+    threads: Annotated[schema.Int | None, schema.at_least(1)] = None
 
 
 @dataclass
@@ -161,6 +176,9 @@ class StudyConfig:
         convergence: the convergence flag's window and tolerance.
         bootstrap: replicates, confidence and seed of the intervals.
         workers: runs trained in parallel (separate processes).
+        plots: how the figures are drawn.
+        threads: torch threads per run (None: the cores shared among the workers, and
+            torch's own default in-process with one worker).
     """
 
     path: Path | None
@@ -175,8 +193,10 @@ class StudyConfig:
     extra_settings: list[ExtraSetting] = field(default_factory=list)
     eval: EvalSection = field(default_factory=EvalSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
+    plots: PlotsSection = field(default_factory=PlotsSection)
     convergence: ConvergenceSection = field(default_factory=ConvergenceSection)
     workers: int = 1
+    threads: int | None = None
 
     @property
     def all_settings(self) -> list[str]:
@@ -342,7 +362,9 @@ def _build(path: Path) -> StudyConfig:
         eval=raw.eval or EvalSection(),
         convergence=raw.convergence or ConvergenceSection(),
         bootstrap=raw.bootstrap or BootstrapSection(),
+        plots=raw.plots or PlotsSection(),
         workers=raw.workers,
+        threads=raw.threads,
     )
     _check_runs(study)
     return study
@@ -365,7 +387,9 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         eval: {split: test, batch_size: 32, max_new_tokens: 8, limit: null}
         convergence: {tail: 0.2, tolerance: 0.02}
         bootstrap: {samples: 2000, confidence: 0.95, seed: 0}
+        plots: {loss_scale: linear}       # or log
         workers: 1
+        threads: null                     # torch threads per run (null: cores / workers)
 
     Unknown keys are refused with a "did you mean" suggestion, values are type-checked
     strictly (numbers written as strings, such as ``2e-3``, are accepted for float keys).
