@@ -75,13 +75,19 @@ def _interval_table(results: StudyResults) -> list[str]:
     """Every contrast the verdict reads, with its bootstrap interval, and the recovered share."""
     u = results.uncertainty
     level = f"{100 * u.confidence:g}%"
-    resampled = ", ".join(
-        f"{d}: {n} items" if n else f"{d}: seeds only (no per-item scores)"
-        for d, n in u.items.items()
+    with_items = [f"{d} {n}" for d, n in u.items.items() if n]
+    without = [d for d, n in u.items.items() if not n]
+    resampled = (
+        f"test items resampled within each domain ({', '.join(with_items)}), the same draw for "
+        "every setting; "
+        if with_items
+        else ""
     )
+    if without:
+        resampled += f"only seeds on {', '.join(without)} (no per-item scores recorded); "
     out = [
         f"Mean difference [{level} paired-bootstrap percentile interval] ({u.samples} "
-        f"replicates, seed {u.seed}; resampled: {resampled}; and seeds, per setting).",
+        f"replicates, seed {u.seed}: {resampled}seeds resampled per setting).",
         "",
         "| | " + " | ".join(f"{c.formula}" for c in CONTRASTS) + " | recovered |",
         "|---|" + "---:|" * (len(CONTRASTS) + 1),
