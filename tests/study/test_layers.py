@@ -12,7 +12,17 @@ import llava_mole.study
 PACKAGE = Path(llava_mole.study.__file__).parent
 # Pure modules: statistics, verdict and rendering must work without the training stack
 # (the package root itself imports torch for the adapters; transformers and train/ not).
-PURE = ("settings", "stats", "results", "rules", "verdict", "render", "routing", "errors")
+PURE = (
+    "settings",
+    "sections",
+    "stats",
+    "results",
+    "rules",
+    "verdict",
+    "render",
+    "routing",
+    "errors",
+)
 
 
 def _imports(path: Path) -> set[str]:

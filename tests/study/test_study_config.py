@@ -83,6 +83,8 @@ def study_file(world: dict[str, Path], **changes) -> Path:
         ({"eval": {"split": "val"}}, "eval.split: must be one of"),
         ({"convergence": {"tail": 0.9}}, "convergence.tail: must be in"),
         ({"workers": 0}, "workers: must be >= 1"),
+        ({"threads": 0}, "threads: must be >= 1"),
+        ({"plots": {"loss_scale": "ln"}}, "plots.loss_scale: must be one of"),
         ({"model": "nowhere"}, "model: model directory not found"),
         ({"mixture": "nowhere.yaml"}, "mixture: mixture file not found"),
     ],
@@ -179,3 +181,22 @@ def test_single_domain_mixtures_keep_the_selection(world, tmp_path):
     ]
     document = yaml.safe_load(paths["document"].read_text(encoding="utf-8"))
     assert [d["name"] for d in document["datasets"]] == ["docs"]
+
+
+def test_threads_per_run_are_set_for_serial_runs_and_restored(world):
+    import torch
+
+    from llava_mole.study import runner
+
+    study = load_study(study_file(world, threads=1, plots={"loss_scale": "log"}))
+    assert (study.threads, study.plots.loss_scale) == (1, "log")
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that setting 1 thread is visible
+    try:
+        with runner._threads(study.threads):
+            inside = torch.get_num_threads()
+        assert inside == 1 and torch.get_num_threads() == 2
+        with runner._threads(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)

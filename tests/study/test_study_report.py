@@ -200,6 +200,7 @@ def _fake_records(domains: list[str], seeds: list[int]) -> list[dict]:
                             "wall_time_s": 1.5,
                             "tokens_per_s": 100.0,
                             "trainable_parameters": 1000,
+                            "data": {"per_domain": {d: 40 for d in target}},
                         },
                         "eval": {
                             "per_domain": {
@@ -258,6 +259,9 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         "![routing](routing.png)",
         "| 0 | image | E0 100% | E1 100% | E2 100% | 1.00 |",
         "- MoLE routing: top-1 from the first step (the paper's recipe)",
+        # 20 steps x 4 samples over 120 samples = 0.67 epochs: 2x the steps see 1.5x the samples.
+        "- `mix_lora_2x` sees 1.50× the distinct training samples of `mix_lora` (120 available",
+        "| mix_lora | LoRA r=1 α=2 | 20 | 4 | 0.7 | 1,000 |",
     ):
         assert part in report, part
     json.dumps(results.to_json())  # JSON-serialisable as written to results.json
@@ -269,3 +273,17 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
     )
     assert "dense (every expert, weighted by its router probability) for the first 20%" in report
     assert "(`train.router_dense_warmup = 0.2`)" in report
+
+
+def test_loss_limits_ignore_the_first_logged_losses_and_outliers():
+    from llava_mole.study.plots import loss_limits
+
+    # A first logged loss of 12 (as right after initialisation) and one spike of 9 must not
+    # set the axis: the rest of the curve lies in [1.0, 1.5].
+    curve = [[0, 12.0]] + [[s, 1.5 - 0.005 * s] for s in range(1, 101)]
+    curve[50][1] = 9.0
+    bottom, top = loss_limits([curve])
+    assert 0.9 < bottom < 1.05 and 1.45 < top < 1.6
+    assert loss_limits([]) is None
+    flat = loss_limits([[[1, 2.0], [2, 2.0], [3, 2.0]]])
+    assert flat is not None and flat[0] < 2.0 < flat[1]

@@ -3,7 +3,7 @@
 ``run_study(study_yaml, out_dir)`` trains and evaluates single-domain LoRA, mixed LoRA, mixed
 MoLE and two controls (2x steps, rank K·r) over several seeds and writes ``results.json``,
 ``report.md`` and PNG figures. Names are imported lazily: the report and plot helpers work
-without loading the training stack. Stages, one module each: config, settings (the registry),
+without loading the training stack. Stages, one module each: config (+ sections, _keys), settings (the registry),
 plan, runner, items, stats, assemble, rules, verdict, render, plots, routing.
 """
 

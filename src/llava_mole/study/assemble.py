@@ -240,12 +240,23 @@ def derive(
     return out
 
 
-def _setup(study: StudyConfig, runs: Sequence[RunResult]) -> StudySetup:
+def _train_samples(records: Sequence[RunOutput]) -> int | None:
+    """Distinct training samples of one run of a setting (its first run's ``summary.json``)."""
+    per_domain = records[0].summary.get("data", {}).get("per_domain") if records else None
+    return int(sum(per_domain.values())) if per_domain else None
+
+
+def _setup(
+    study: StudyConfig, runs: Sequence[RunResult], records: Sequence[RunOutput]
+) -> StudySetup:
     per_setting = {}
     for setting in study.all_settings:
         mine = [r for r in runs if r.setting == setting]
         if not mine:
             continue
+        samples = _train_samples([r for r in records if r.setting == setting])
+        batch = mine[0].batch_size
+        epochs = mine[0].max_steps * batch / samples if samples and batch else None
         walls = [r.wall_time_s for r in mine if r.wall_time_s is not None]
         speeds = [r.tokens_per_s for r in mine if r.tokens_per_s is not None]
         per_setting[setting] = SettingSetup(
@@ -257,6 +268,8 @@ def _setup(study: StudyConfig, runs: Sequence[RunResult]) -> StudySetup:
             runs=len(mine),
             mean_wall_time_s=statistics.fmean(walls) if walls else None,
             mean_tokens_per_s=statistics.fmean(speeds) if speeds else None,
+            train_samples=samples,
+            epochs=epochs,
         )
     adapter = study.shared_adapter()
     return StudySetup(
@@ -307,7 +320,7 @@ def build_results(study: StudyConfig, records: Sequence[RunOutput]) -> StudyResu
             routing[setting] = routing_summary([(r.seed, r.eval.get("routing")) for r in mole])
     results = StudyResults(
         study=study.to_dict(),
-        setup=_setup(study, runs),
+        setup=_setup(study, runs, records),
         domains=domains,
         settings=settings,
         scores=scores,

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import AfterValidator
-from pydantic_core import PydanticCustomError
+from typing import Any, Literal
 
 from .. import schema
 from ..data.formats import DataConfigError
@@ -31,114 +27,27 @@ from ..train.config import (
 from . import settings as registry
 from ._keys import check_keys
 from .errors import StudyConfigError
+from .sections import (
+    BootstrapSection,
+    ConvergenceSection,
+    EvalSection,
+    ExtraSetting,
+    PlotsSection,
+    StudyFile,
+)
 
 __all__ = [
     "BootstrapSection",
     "ConvergenceSection",
     "EvalSection",
     "ExtraSetting",
+    "PlotsSection",
     "StudyConfig",
     "load_study",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
 SETTINGS = registry.SETTINGS
-
-
-def _setting_name(name: str) -> str:
-    """A setting name is also a folder name: letters, digits, ``_ . -``."""
-    if not _NAME.match(name):
-        raise PydanticCustomError("setting_name", "letters, digits, _ . - only")
-    return name
-
-
-@schema.section
-class EvalSection:
-    """How every run is evaluated.
-
-    Args:
-        split: mixture split to evaluate on (``test`` or ``train``).
-        batch_size: samples per generation batch.
-        max_new_tokens: maximum answer length in tokens.
-        limit: at most this many samples per domain (``None``: all).
-    """
-
-    split: Literal["test", "train"] = "test"
-    batch_size: Annotated[schema.Int, schema.at_least(1)] = 32
-    max_new_tokens: Annotated[schema.Int, schema.at_least(1)] = 8
-    limit: Annotated[schema.Int | None, schema.at_least(1)] = None
-
-
-@schema.section
-class ConvergenceSection:
-    """When a run counts as still improving at the end.
-
-    Args:
-        tail: share of the logged steps forming the final window, in (0, 0.5].
-        tolerance: a run is flagged when the mean loss of the final window is more than this
-            (relative) below the mean of the equal-length window just before it.
-    """
-
-    tail: Annotated[schema.Float, schema.between(0, 0.5), schema.above(0)] = 0.2
-    tolerance: Annotated[schema.Float, schema.at_least(0)] = 0.02
-
-
-@schema.section
-class BootstrapSection:
-    """The paired bootstrap behind every confidence interval (see :mod:`.stats`).
-
-    Args:
-        samples: bootstrap replicates ``B``.
-        confidence: coverage of the percentile intervals (0.95: the 2.5th-97.5th percentiles).
-        seed: seed of the resampling (the same seed gives the same intervals).
-    """
-
-    samples: Annotated[schema.Int, schema.at_least(100)] = 2000
-    confidence: Annotated[schema.Float, schema.between(0.5, 1, high_open=True)] = 0.95
-    seed: schema.Int = 0
-
-
-@schema.section
-class ExtraSetting:
-    """A further configuration: a built-in setting with changed adapter/train keys.
-
-    The changes are applied to the study's shared sections first and the base setting's rule
-    after, so ``{base: mix_lora_2x, train: {max_steps: 600}}`` trains 1200 steps and
-    ``{base: mix_lora_rank_kr, adapter: {num_experts: 4}}`` uses MLP rank 4r.
-
-    Args:
-        name: the setting's name in tables, plots and run folders.
-        base: a built-in setting (:data:`llava_mole.study.settings.SETTINGS`).
-        adapter: changed ``adapter`` keys.
-        train: changed ``train`` keys.
-    """
-
-    name: Annotated[schema.Str, AfterValidator(_setting_name)]
-    base: Literal[registry.SETTINGS]  # type: ignore[valid-type]
-    adapter: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        self.adapter = dict(self.adapter or {})
-        self.train = dict(self.train or {})
-
-
-@schema.section
-class _StudyFile:
-    """The study YAML as written (see :func:`load_study`); checked further there."""
-
-    model: schema.Str
-    mixture: schema.Str
-    seeds: list[schema.Int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
-    adapter: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    single_steps: Literal["equal_exposure", "same_steps"] = "equal_exposure"
-    settings: list[schema.Str] = dataclasses.field(default_factory=lambda: list(SETTINGS))
-    extra_settings: list[ExtraSetting] | None = None
-    eval: EvalSection | None = None
-    convergence: ConvergenceSection | None = None
-    bootstrap: BootstrapSection | None = None
-    workers: Annotated[schema.Int, schema.at_least(1)] = 1
 
 
 @dataclass
@@ -161,6 +70,9 @@ class StudyConfig:
         convergence: the convergence flag's window and tolerance.
         bootstrap: replicates, confidence and seed of the intervals.
         workers: runs trained in parallel (separate processes).
+        plots: how the figures are drawn.
+        threads: torch threads per run (None: the cores shared among the workers, and
+            torch's own default in-process with one worker).
     """
 
     path: Path | None
@@ -175,8 +87,10 @@ class StudyConfig:
     extra_settings: list[ExtraSetting] = field(default_factory=list)
     eval: EvalSection = field(default_factory=EvalSection)
     bootstrap: BootstrapSection = field(default_factory=BootstrapSection)
+    plots: PlotsSection = field(default_factory=PlotsSection)
     convergence: ConvergenceSection = field(default_factory=ConvergenceSection)
     workers: int = 1
+    threads: int | None = None
 
     @property
     def all_settings(self) -> list[str]:
@@ -249,7 +163,7 @@ def _resolve(base: Path, value: str) -> Path:
     return (path if path.is_absolute() else base / path).resolve()
 
 
-def _model_and_mixture(base: Path, raw: _StudyFile) -> tuple[Path, Path, list[str]]:
+def _model_and_mixture(base: Path, raw: StudyFile) -> tuple[Path, Path, list[str]]:
     """``(model dir, mixture file, domains)``; the mixture must have at least two domains."""
     model, mixture_path = _resolve(base, raw.model), _resolve(base, raw.mixture)
     if not model.is_dir():
@@ -265,7 +179,7 @@ def _model_and_mixture(base: Path, raw: _StudyFile) -> tuple[Path, Path, list[st
     return model, mixture_path, mixture.domains
 
 
-def _check_lists(raw: _StudyFile) -> None:
+def _check_lists(raw: StudyFile) -> None:
     """Seeds non-empty and unique; settings known (did you mean) and unique; extra names new."""
     if not raw.seeds:
         raise schema.SchemaError("seeds: must not be empty")
@@ -286,7 +200,7 @@ def _check_lists(raw: _StudyFile) -> None:
         taken.add(extra.name)
 
 
-def _training_keys(raw: _StudyFile) -> tuple[dict, dict, list[ExtraSetting]]:
+def _training_keys(raw: StudyFile) -> tuple[dict, dict, list[ExtraSetting]]:
     """The shared and the extra settings' ``adapter``/``train`` keys, checked."""
     adapter = check_keys(raw.adapter, AdapterSection, "adapter")
     train_keys = check_keys(raw.train, TrainSection, "train")
@@ -324,7 +238,7 @@ def _check_runs(study: StudyConfig) -> None:
 
 def _build(path: Path) -> StudyConfig:
     """The study of ``path``; every problem is a :class:`schema.SchemaError` (no file name)."""
-    raw = schema.validate(_StudyFile, schema.read_yaml(path))
+    raw = schema.validate(StudyFile, schema.read_yaml(path))
     _check_lists(raw)
     model, mixture, domains = _model_and_mixture(path.resolve().parent, raw)
     adapter, train_keys, extras = _training_keys(raw)
@@ -342,7 +256,9 @@ def _build(path: Path) -> StudyConfig:
         eval=raw.eval or EvalSection(),
         convergence=raw.convergence or ConvergenceSection(),
         bootstrap=raw.bootstrap or BootstrapSection(),
+        plots=raw.plots or PlotsSection(),
         workers=raw.workers,
+        threads=raw.threads,
     )
     _check_runs(study)
     return study
@@ -365,7 +281,9 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         eval: {split: test, batch_size: 32, max_new_tokens: 8, limit: null}
         convergence: {tail: 0.2, tolerance: 0.02}
         bootstrap: {samples: 2000, confidence: 0.95, seed: 0}
+        plots: {loss_scale: linear}       # or log
         workers: 1
+        threads: null                     # torch threads per run (null: cores / workers)
 
     Unknown keys are refused with a "did you mean" suggestion, values are type-checked
     strictly (numbers written as strings, such as ``2e-3``, are accepted for float keys).

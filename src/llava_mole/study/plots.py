@@ -12,10 +12,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_all", "plot_loss_curves", "plot_routing", "plot_scores"]
+from .settings import by_role
+
+__all__ = ["loss_limits", "plot_all", "plot_loss_curves", "plot_routing", "plot_scores"]
 
 _COLOURS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3"]
 _STYLES = ["-", "--", ":", "-."]
@@ -87,6 +90,36 @@ def _mean_curve(curves: list[list[list[float]]]) -> tuple[list[float], list[floa
     return steps, [statistics.fmean(d[s] for d in lookup) for s in steps]
 
 
+def loss_limits(
+    curves: list[list[list[float]]], skip: float = 0.1, low: float = 2, high: float = 98
+) -> tuple[float, float] | None:
+    """Robust y limits for loss curves: the ``low``-``high`` percentile range, padded by 10%.
+
+    The first ``skip`` share of each curve's logged points (at least its first point) is left
+    out: the loss right after initialisation can be several times the rest of the curve and
+    would squash the range where the settings differ.
+
+    Args:
+        curves: ``[[step, loss], ...]`` per run.
+        skip: share of each curve's first points left out.
+        low: lower percentile.
+        high: upper percentile.
+
+    Returns:
+        ``(bottom, top)``, or None without points.
+    """
+    values = []
+    for curve in curves:
+        losses = [p[1] for p in curve if p[1] is not None]
+        start = max(1, int(skip * len(losses))) if len(losses) > 1 else 0
+        values += losses[start:]
+    if not values:
+        return None
+    bottom, top = np.percentile(values, [low, high])
+    pad = 0.1 * (top - bottom) or 0.05 * abs(top) or 0.05
+    return float(bottom - pad), float(top + pad)
+
+
 def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
     """Training loss of every setting: mean over seeds (bold), each seed (thin).
 
@@ -125,7 +158,13 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
             ax.plot(steps, mean, color=colour, linestyle=style, linewidth=2, label=label)
             drawn = True
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    scale = results.get("study", {}).get("plots", {}).get("loss_scale", "linear")
+    if scale == "log":
+        ax.set_yscale("log")
+    limits = loss_limits([r["loss_curve"] for r in results["runs"] if r["loss_curve"]])
+    if limits is not None and scale != "log":
+        ax.set_ylim(*limits)
+    ax.set_ylabel("training loss" + (" (log scale)" if scale == "log" else ""))
     ax.set_title("Training loss (bold: mean over seeds; thin: seeds)")
     if drawn:
         ax.legend(fontsize=7, ncols=2)
@@ -135,7 +174,31 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_mole") -> Path:
+def _stacked_shares(
+    ax: Any, entries: dict[str, list[float] | None], domains: list[str], experts: int, legend: bool
+) -> None:
+    """One stacked bar per domain: the share of its tokens sent to each expert."""
+    bottoms = [0.0] * len(domains)
+    for k in range(experts):
+        heights = [
+            entries.get(d)[k] if entries.get(d) is not None else 0.0  # type: ignore[index]
+            for d in domains
+        ]
+        ax.bar(
+            range(len(domains)),
+            heights,
+            bottom=bottoms,
+            color=_COLOURS[k % len(_COLOURS)],
+            label=f"expert {k}" if legend else None,
+            width=0.7,
+        )
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for x, d in enumerate(domains):
+        if entries.get(d) is None:
+            ax.text(x, 0.5, "n/a", ha="center", va="center", fontsize=7, rotation=90)
+
+
+def plot_routing(results: dict[str, Any], path: str | Path, setting: str | None = None) -> Path:
     """The routing figure: rows = token kind (image, text, and answer positions when recorded),
     columns = layers (MoLE blocks).
 
@@ -146,7 +209,7 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
     Args:
         results: the study results (``routing``).
         path: the PNG to write.
-        setting: the MoLE setting to draw.
+        setting: the MoLE setting to draw (default: the registry's MoLE setting).
 
     Returns:
         ``path``.
@@ -154,6 +217,7 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
     Raises:
         KeyError: ``setting`` has no routing picture.
     """
+    setting = setting or by_role("method").name
     picture = results["routing"][setting]
     if picture is None:
         raise KeyError(f"{setting}: no routing statistics")
@@ -169,24 +233,7 @@ def plot_routing(results: dict[str, Any], path: str | Path, setting: str = "mix_
         for col, block in enumerate(blocks):
             ax = axes[row][col]
             entries = {b["domain"]: b.get(kind) for b in picture["blocks"] if b["block"] == block}
-            bottoms = [0.0] * len(domains)
-            for k in range(experts):
-                heights = [
-                    entries.get(d)[k] if entries.get(d) is not None else 0.0  # type: ignore[index]
-                    for d in domains
-                ]
-                ax.bar(
-                    range(len(domains)),
-                    heights,
-                    bottom=bottoms,
-                    color=_COLOURS[k % len(_COLOURS)],
-                    label=f"expert {k}" if row == 0 and col == 0 else None,
-                    width=0.7,
-                )
-                bottoms = [b + h for b, h in zip(bottoms, heights)]
-            for x, d in enumerate(domains):
-                if entries.get(d) is None:
-                    ax.text(x, 0.5, "n/a", ha="center", va="center", fontsize=7, rotation=90)
+            _stacked_shares(ax, entries, domains, experts, legend=row == 0 and col == 0)
             ax.set_xticks(range(len(domains)), domains, rotation=30, fontsize=7, ha="right")
             ax.tick_params(axis="x", length=0)
             ax.set_ylim(0, 1)
@@ -220,6 +267,7 @@ def plot_all(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     }
     candidates = [s for s, p in results["routing"].items() if p is not None]
     if candidates:
-        setting = "mix_mole" if "mix_mole" in candidates else candidates[0]
+        method = by_role("method").name
+        setting = method if method in candidates else candidates[0]
         paths["routing"] = plot_routing(results, out / "routing.png", setting)
     return paths

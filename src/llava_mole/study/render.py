@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .results import Difference
 from .rules import CONTRAST, CONTRASTS
+from .settings import by_role
 
 if TYPE_CHECKING:
     from .results import StudyResults
@@ -74,13 +75,19 @@ def _interval_table(results: StudyResults) -> list[str]:
     """Every contrast the verdict reads, with its bootstrap interval, and the recovered share."""
     u = results.uncertainty
     level = f"{100 * u.confidence:g}%"
-    resampled = ", ".join(
-        f"{d}: {n} items" if n else f"{d}: seeds only (no per-item scores)"
-        for d, n in u.items.items()
+    with_items = [f"{d} {n}" for d, n in u.items.items() if n]
+    without = [d for d, n in u.items.items() if not n]
+    resampled = (
+        f"test items resampled within each domain ({', '.join(with_items)}), the same draw for "
+        "every setting; "
+        if with_items
+        else ""
     )
+    if without:
+        resampled += f"only seeds on {', '.join(without)} (no per-item scores recorded); "
     out = [
         f"Mean difference [{level} paired-bootstrap percentile interval] ({u.samples} "
-        f"replicates, seed {u.seed}; resampled: {resampled}; and seeds, per setting).",
+        f"replicates, seed {u.seed}: {resampled}seeds resampled per setting).",
         "",
         "| | " + " | ".join(f"{c.formula}" for c in CONTRASTS) + " | recovered |",
         "|---|" + "---:|" * (len(CONTRASTS) + 1),
@@ -98,8 +105,9 @@ def _interval_table(results: StudyResults) -> list[str]:
 
 def _setup_table(results: StudyResults) -> str:
     lines = [
-        "| setting | adapter | steps | batch | trainable params | runs | s/run | tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| setting | adapter | steps | batch | epochs | trainable params | runs | s/run "
+        "| tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in results.setup.settings.items():
         a = s.adapter
@@ -114,10 +122,33 @@ def _setup_table(results: StudyResults) -> str:
         wall = "–" if s.mean_wall_time_s is None else f"{s.mean_wall_time_s:.1f}"
         speed = "–" if s.mean_tokens_per_s is None else f"{s.mean_tokens_per_s:.0f}"
         lines.append(
-            f"| {name} | {kind} | {s.max_steps} | {s.batch_size} | {params} | {s.runs} "
+            f"| {name} | {kind} | {s.max_steps} | {s.batch_size} | {_fmt(s.epochs, 1)} "
+            f"| {params} | {s.runs} "
             f"| {wall} | {speed} |"
         )
     return "\n".join(lines)
+
+
+def _steps_control_line(results: StudyResults) -> list[str]:
+    """What the 2x control doubles: the distinct samples seen, or only the steps."""
+    mixed, steps = (results.setup.settings.get(by_role(r).name) for r in ("mixed", "steps_control"))
+    if mixed is None or steps is None or not mixed.train_samples or mixed.epochs is None:
+        return []
+    name, base = by_role("steps_control").name, by_role("mixed").name
+    n = mixed.train_samples
+    if mixed.epochs >= 1:
+        return [
+            f"- `{name}` is a **2× steps** control: twice the steps of `{base}` over the same "
+            f"{n:,} training samples ({2 * mixed.epochs:.1f} instead of {mixed.epochs:.1f} "
+            "epochs), not twice the data.",
+            "",
+        ]
+    ratio = min(2 * mixed.epochs, 1.0) / mixed.epochs
+    return [
+        f"- `{name}` sees {ratio:.2f}× the distinct training samples of `{base}` ({n:,} "
+        f"available, {mixed.epochs:.2f} epochs in `{base}`): a 2× samples control.",
+        "",
+    ]
 
 
 def _routing_recipe(dense_warmup: float) -> str:
@@ -202,6 +233,7 @@ def _setup_lines(results: StudyResults) -> list[str]:
         "",
         _setup_table(results),
         "",
+        *_steps_control_line(results),
     ]
 
 

@@ -172,7 +172,11 @@ class RunResult:
 
 @dataclass
 class SettingSetup:
-    """How one setting was trained (the report's setup table)."""
+    """How one setting was trained (the report's setup table).
+
+    ``train_samples`` is the number of distinct training samples of one run (summed over its
+    domains), ``epochs`` = ``max_steps * batch_size / train_samples``.
+    """
 
     base: str
     adapter: dict[str, Any]
@@ -182,6 +186,8 @@ class SettingSetup:
     runs: int
     mean_wall_time_s: float | None
     mean_tokens_per_s: float | None
+    train_samples: int | None = None
+    epochs: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The fields as a mapping."""

@@ -212,6 +212,22 @@ def _status(spec: RunSpec) -> str:
     return "training"
 
 
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """torch's thread count set to ``threads`` (None: unchanged) for the block, then restored."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _job(study: StudyConfig, spec: RunSpec, progress: bool, log_to_file: bool) -> _Job:
     return _Job(spec, study.model, study.eval, progress, log_to_file)
 
@@ -241,7 +257,7 @@ def _dead_pool(spec: RunSpec) -> StudyWorkersError:
 def _run_pool(study: StudyConfig, specs: list[RunSpec], meter: _Progress) -> None:
     """The unfinished runs in a spawn process pool of ``study.workers`` processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // study.workers)
+    threads = study.threads or max(1, (cores or 1) // study.workers)
     todo = [s for s in specs if _status(s) != "done"]
     for spec in specs:
         if spec not in todo:
@@ -287,7 +303,8 @@ def run_all(study: StudyConfig, specs: list[RunSpec], progress: bool) -> None:
     """
     meter = _Progress(specs, progress)
     if study.workers == 1:
-        _run_serial(study, specs, meter, progress)
+        with _threads(study.threads):
+            _run_serial(study, specs, meter, progress)
     else:
         _run_pool(study, specs, meter)
 
