@@ -21,7 +21,7 @@ For every other multimodal family it is replaced by the block the family's own p
 of the image (``llava_mole.data.image_inputs``), which depends on the image's size: `encode` and
 `prompt` then take ``image_size``.
 
-Chat-template approach: the messages are rendered incrementally
+Chat-template approach (``llava_mole.data.chat_segments``): the messages are rendered incrementally
 (``apply_chat_template(messages[:k], tokenize=False)``); each rendering must extend the previous
 one, and only the new suffix of each turn is tokenized. In an assistant suffix, the text before
 the answer (the role header) is masked, the answer and the template's first special token after
@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 import torch
 
+from .chat_segments import ChatTemplateSegments, EncodeError, Segment
 from .formats import (
-    ASSISTANT,
     IMAGE_PLACEHOLDER,
     IMAGE_PLACEHOLDER_MISMATCH,
     IMAGE_TOKENS_TRUNCATED,
@@ -65,20 +65,6 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 VICUNA_V1_ROLES = ("USER", "ASSISTANT")
-
-_PROBE = "zqx probe text"
-
-
-class EncodeError(Exception):
-    """A conversation cannot be turned into a training example.
-
-    Attributes:
-        reason: Skip reason, e.g. `no_labels_after_truncation` or `image_tokens_truncated`.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -155,13 +141,7 @@ def num_image_tokens(processor: Any) -> int:
     return n
 
 
-@dataclass
-class _Segment:
-    ids: list[int]
-    trained: bool
-
-
-class ConversationEncoder:
+class ConversationEncoder(ChatTemplateSegments):
     """Turns ``(role, text)`` turns into token ids and labels for one processor and template.
 
     Args:
@@ -356,124 +336,23 @@ class ConversationEncoder:
                 f"expected {n_blocks * self.num_image_tokens} image tokens, found {found}",
             )
 
-    def _segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
+    def _segments(self, turns: list[tuple[str, str]], generation: bool) -> list[Segment]:
         if self.template == "vicuna_v1":
             return self._vicuna_segments(turns, generation)
         return self._chat_segments(turns, generation)
 
-    def _vicuna_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
+    def _vicuna_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[Segment]:
         user, assistant = VICUNA_V1_ROLES
-        segments = [_Segment([self.bos_id] if self.bos_id is not None else [], False)]
+        segments = [Segment([self.bos_id] if self.bos_id is not None else [], False)]
         for i, (role, text) in enumerate(turns):
             if role == USER:
                 lead = f"{self.system} " if i == 0 and self.system else ""
                 prompt = f"{lead}{user}: {text} {assistant}:"
-                segments.append(_Segment(self._encode_with_image(prompt, IMAGE_PLACEHOLDER), False))
+                segments.append(Segment(self._encode_with_image(prompt, IMAGE_PLACEHOLDER), False))
             else:
                 answer = self._encode_text(f" {text}") + [self.eos_id]  # type: ignore[list-item]
-                segments.append(_Segment(answer, True))
+                segments.append(Segment(answer, True))
         return segments
-
-    # ----------------------------------------------------------------- chat template
-    def _render(self, messages: list[dict[str, Any]], generation: bool) -> str:
-        rendered = self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self._chat_template,
-            tokenize=False,
-            add_generation_prompt=generation,
-        )
-        if not isinstance(rendered, str):
-            raise ValueError(f"apply_chat_template returned {type(rendered).__name__}, not str")
-        return rendered
-
-    def _detect_list_content(self) -> bool:
-        """Whether the chat template wants OpenAI-style content lists (processor templates)."""
-        try:
-            if _PROBE in self._render([{"role": USER, "content": _PROBE}], False):
-                return False
-        except Exception:  # templates iterating over content fail on strings
-            pass
-        message = {"role": USER, "content": [{"type": "text", "text": _PROBE}]}
-        if _PROBE in self._render([message], False):
-            return True
-        raise ValueError("the chat template renders neither string nor list message content")
-
-    def _message(self, role: str, text: str) -> dict[str, Any]:
-        if not self._list_content:
-            return {"role": role, "content": text}
-        content: list[dict[str, str]] = []
-        for k, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if k > 0:
-                content.append({"type": "image"})
-            if part.strip():
-                content.append({"type": "text", "text": part.strip()})
-        return {"role": role, "content": content}
-
-    @property
-    def _image_marker(self) -> str:
-        if not self._list_content:
-            return IMAGE_PLACEHOLDER
-        if self.images is not None:  # what the template renders for an image
-            return self.images.placeholder
-        return getattr(self.processor, "image_token", None) or IMAGE_PLACEHOLDER
-
-    def _suffix(self, rendered: str, previous: str) -> str:
-        if not rendered.startswith(previous):
-            raise EncodeError(
-                TEMPLATE_MISMATCH,
-                "the chat template is not incremental: rendering a longer conversation changed "
-                "the text of earlier turns",
-            )
-        return rendered[len(previous) :]
-
-    def _chat_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[_Segment]:
-        segments: list[_Segment] = []
-        messages: list[dict[str, Any]] = []
-        previous = ""
-        for role, text in turns:
-            if role == ASSISTANT:
-                header = self._suffix(self._render(messages, True), previous)
-            messages.append(self._message(role, text))
-            rendered = self._render(messages, False)
-            new = self._suffix(rendered, previous)
-            if role == USER:
-                segments.append(_Segment(self._encode_with_image(new, self._image_marker), False))
-            else:
-                segments.extend(self._assistant_segments(new, header, text))
-            previous = rendered
-        if generation:
-            header = self._suffix(self._render(messages, True), previous)
-            segments.append(_Segment(self._encode_text(header.rstrip(" ")), False))
-        return segments
-
-    def _assistant_segments(self, new: str, gen_header: str, answer: str) -> list[_Segment]:
-        """Splits an assistant suffix into masked header, trained answer + end token, masked
-        tail."""
-        start = len(gen_header) if new.startswith(gen_header) else 0
-        pos = new.find(answer, start)
-        if pos < 0:
-            answer = answer.strip()
-            pos = new.find(answer, start)
-        if pos < 0:
-            raise EncodeError(TEMPLATE_MISMATCH, "the chat template altered the answer text")
-        header, tail = new[:pos], new[pos + len(answer) :]
-        # Trailing spaces of the header belong to the answer, matching the generation prompt,
-        # which ends without them.
-        stripped = header.rstrip(" ")
-        answer = header[len(stripped) :] + answer
-        answer_ids = self._encode_text(answer)
-        tail_ids = self._encode_text(tail)
-        end = next((k for k, t in enumerate(tail_ids) if t in self.special_ids), None)
-        if end is None:
-            trained = answer_ids + ([self.eos_id] if self.eos_id is not None else [])
-            rest = tail_ids
-        else:
-            trained, rest = answer_ids + tail_ids[: end + 1], tail_ids[end + 1 :]
-        return [
-            _Segment(self._encode_text(stripped), False),
-            _Segment(trained, True),
-            _Segment(rest, False),
-        ]
 
 
 def _normalise(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

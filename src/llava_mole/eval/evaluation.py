@@ -264,16 +264,47 @@ def evaluate(
         records = _answer(loaded, items, cfg, settings, domains, capture, skipped)
         picture = routing_picture(capture.stats, domains) if capture is not None else None
 
+    return _write_result(
+        records,
+        cfg,
+        settings,
+        skipped,
+        picture,
+        model=str(model_dir) if model_dir is not None else _name(loaded.model),
+        adapter=None if adapter_dir is None else str(adapter_dir),
+        out=out,
+        predictions=predictions,
+        start=start,
+    )
+
+
+def _name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+def _write_result(
+    records: list[dict[str, Any]],
+    cfg: MixtureConfig,
+    settings: EvalSettings,
+    skipped: Counter,
+    picture: dict[str, Any] | None,
+    *,
+    model: str | None,
+    adapter: str | None,
+    out: PathLike | None,
+    predictions: PathLike | None,
+    start: float,
+) -> dict[str, Any]:
+    """Scores the answers and writes the predictions JSONL and the results JSON."""
     scores = score_predictions(records, cfg.metrics)
     pred_path = Path(predictions) if predictions is not None else None
     if pred_path is None and out is not None:
         pred_path = Path(out).with_name(Path(out).stem + ".predictions.jsonl")
     if pred_path is not None:
         _write_jsonl(pred_path, records)
-    name = getattr(getattr(loaded.model, "config", None), "_name_or_path", None)
     result: dict[str, Any] = {
-        "model": str(model_dir) if model_dir is not None else name,
-        "adapter": None if adapter_dir is None else str(adapter_dir),
+        "model": model,
+        "adapter": adapter,
         "split": settings.split,
         "per_domain": scores["per_domain"],
         "overall": scores["overall"],
