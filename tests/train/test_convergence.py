@@ -112,3 +112,50 @@ def test_the_rule_stops_after_patience_keeps_the_best_weights_and_replays_on_res
 def test_rule_settings_are_checked():
     with pytest.raises(ValueError, match="patience must be >= 1"):
         ConvergenceRule(every=10, patience=0)
+
+
+def _train(world, out, *extra: str) -> dict:
+    import json
+
+    from llava_mole.cli import main
+    from tests.train.test_train import base_overrides
+
+    overrides = base_overrides(world, out, max_steps=40, dev_per_domain=4, dev_every=2)
+    overrides += ["train.dev_patience=2", "train.save_steps=2", *extra]
+    argv = ["train", str(out / "cfg.yaml")]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cfg.yaml").write_text("{}\n")
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+
+
+def test_a_run_trains_to_convergence_keeps_its_best_weights_and_resumes_exactly(
+    tiny_world, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    summary = _train(tiny_world, tmp_path / "a")
+    conv = summary["convergence"]
+    assert "dev split: 12 items held out of" in capsys.readouterr().out
+    # Dev scores every 2 steps; stopped after 2 without beating the best: before the budget.
+    steps = [s for s, _ in conv["dev_curve"]]
+    assert (
+        steps == list(range(2, conv["converged_at"] + 1, 2))
+        and summary["steps"] == conv["converged_at"] < 40
+    )
+    best = load_file(tmp_path / "a" / BEST_FILE)
+    final = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert best and any("lora" in k.lower() for k in best)
+    # The final adapter holds the best step's weights (file keys differ from module names).
+    assert conv["best_step"] < conv["converged_at"]
+    for name, tensor in best.items():
+        assert any(f.shape == tensor.shape and torch.equal(f, tensor) for f in final.values()), name
+    # Interrupted at step 4 and resumed: the same dev curve and the same final adapter.
+    first = _train(tiny_world, tmp_path / "b", "train.stop_after_steps=4")
+    assert first == {}
+    resumed = _train(tiny_world, tmp_path / "b")
+    assert resumed["convergence"]["dev_curve"] == conv["dev_curve"]
+    again = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)

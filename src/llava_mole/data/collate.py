@@ -21,6 +21,7 @@ keeps its own counter.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -290,6 +291,21 @@ class InstructDataset(Dataset):
     def domain_ids(self) -> Sequence[int]:
         """Domain id of each item; an int32 array when lazy."""
         return self._domain_ids if self.lazy else self._domain_ids.tolist()
+
+    def subset(self, indices: Sequence[int]) -> InstructDataset:
+        """The items at `indices` (in that order) as a dataset of the same encoder and images:
+        no sample is encoded again. The load report is the parent's."""
+        picked = np.asarray(indices, dtype=np.int64)
+        child = copy.copy(self)
+        for name in ("_where", "_lengths", "_has_image", "_domain_ids"):
+            array = getattr(self, name)[picked]
+            array.flags.writeable = False
+            setattr(child, name, array)
+        if self._encoded is not None:
+            child._encoded = [self._encoded[i] for i in picked.tolist()]
+        child.image_failures = Counter()
+        child._pixel_cache, child._pixel_cache_used = {}, 0
+        return child
 
     def sample(self, index: int) -> Sample:
         """The `Sample` behind item `index` (built from its row when the samples are lazy)."""

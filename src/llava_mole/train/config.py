@@ -112,6 +112,14 @@ class MoLESettings:
         collapse_window: ...averaged over this many logged steps.
         stop_after_steps: end this invocation (with a checkpoint) after this many optimizer steps
             of the run, keeping the full schedule; resume continues it. ``0``: off.
+        dev_per_domain: train to convergence: hold this many training samples of each domain
+            out as a dev split (seeded), score them every ``dev_every`` steps (teacher-forced
+            exact match, see :mod:`.convergence`), stop after ``dev_patience`` scores in a row
+            that do not beat the best by more than ``dev_min_delta``, and keep the best weights.
+            ``max_steps`` is then the budget. ``0``: off (train for the whole schedule).
+        dev_every: steps between dev scores.
+        dev_patience: dev scores in a row without improvement that end the run.
+        dev_min_delta: how much a dev score must beat the best to count as an improvement.
     """
 
     __pydantic_config__ = SCHEMA_CONFIG
@@ -125,6 +133,10 @@ class MoLESettings:
     collapse_threshold: Annotated[Float, between(0, 1, high_open=True)] = 0.02
     collapse_window: Annotated[Int, at_least(1)] = 5
     stop_after_steps: Annotated[Int, at_least(0)] = 0
+    dev_per_domain: Annotated[Int, at_least(0)] = 0
+    dev_every: Annotated[Int, at_least(1)] = 100
+    dev_patience: Annotated[Int, at_least(1)] = 3
+    dev_min_delta: Annotated[Float, at_least(0)] = 0.0
 
 
 MOLE_SETTINGS = tuple(f.name for f in dataclasses.fields(MoLESettings))

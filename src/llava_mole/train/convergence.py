@@ -192,6 +192,8 @@ class DevEarlyStopping(TrainerCallback):
         for record in state.log_history:
             if DEV_KEY in record:
                 self._judge(int(record["step"]), float(record[DEV_KEY]))
+        if self.progress.converged_at is not None and control is not None:
+            control.should_training_stop = True  # resumed after it had converged
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step

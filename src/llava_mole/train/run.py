@@ -50,6 +50,13 @@ from .checkpoints import (
     write_failure,
 )
 from .config import ConfigError, TrainConfig, load_train_config
+from .convergence import (
+    ConvergenceRule,
+    DevEarlyStopping,
+    DevScore,
+    carve_dev,
+    teacher_forced_exact,
+)
 from .lock import run_lock
 from .plots import plot_training, read_log
 from .resume import RUN_CONFIG, SUMMARY, RunPlan, plan_run
@@ -75,6 +82,7 @@ class _Setup:
     stopper: StopAfterSteps
     monitor: RouterCollapseMonitor
     report: Any
+    convergence: DevEarlyStopping | None = None
 
 
 def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) -> TrainResult:
@@ -120,11 +128,14 @@ def _train_locked(config: TrainConfig) -> TrainResult:
     model, processor = setup_model(config, adapter)
     distributed.check_model(config, model)
     dataset, report = setup_data(config, mixture, processor)
+    dataset, dev = split_dev(config, dataset)
     args = training_arguments_or_error(config)
     out.mkdir(parents=True, exist_ok=True)
     if args.process_index == 0:
         atomic_write_bytes(out / RUN_CONFIG, config.to_yaml().encode())
     setup = setup_trainer(config, model, processor, dataset, report, args)
+    if dev is not None:
+        setup.convergence = add_convergence(config, setup.trainer, processor, dev)
     started = time.perf_counter()
     _run(setup.trainer, plan, out)
     return finalize(config, setup, plan, time.perf_counter() - started)
@@ -188,6 +199,16 @@ def setup_data(config: TrainConfig, mixture: MixtureConfig, processor: Any) -> t
     return dataset, report
 
 
+def split_dev(config: TrainConfig, dataset: Any) -> tuple[Any, Any | None]:
+    """``(train, dev)``: ``train.dev_per_domain`` items of each domain held out (seeded)."""
+    if config.train.dev_per_domain == 0:
+        return dataset, None
+    domains = [dataset.domains[d] for d in dataset.domain_ids]
+    train_idx, dev_idx = carve_dev(domains, config.train.dev_per_domain, config.train.seed)
+    print(f"dev split: {len(dev_idx)} items held out of {len(domains)}", flush=True)
+    return dataset.subset(train_idx), dataset.subset(dev_idx)
+
+
 def training_arguments_or_error(config: TrainConfig) -> MoLETrainingArguments:
     """:func:`.arguments.training_arguments`; what ``TrainingArguments`` refuses is one line."""
     try:
@@ -230,6 +251,28 @@ def setup_trainer(config, model, processor, dataset, report, args) -> _Setup:
     return _Setup(trainer, stopper, monitor, report)
 
 
+def add_convergence(config: TrainConfig, trainer: MoLETrainer, processor, dev) -> DevEarlyStopping:
+    """Early stopping on the dev split's teacher-forced exact match (:mod:`.convergence`)."""
+    if trainer.args.world_size > 1:
+        raise ConfigError("train.dev_per_domain: training to convergence runs in one process")
+    collate = DataCollator.from_processor(processor)
+    batch = max(1, trainer.args.per_device_train_batch_size)
+
+    def score(model: torch.nn.Module) -> DevScore:
+        batches = (
+            collate([dev[i] for i in range(k, min(k + batch, len(dev)))])
+            for k in range(0, len(dev), batch)
+        )
+        return teacher_forced_exact(model, batches, list(dev.domains))
+
+    rule = ConvergenceRule(
+        config.train.dev_every, config.train.dev_patience, config.train.dev_min_delta
+    )
+    callback = DevEarlyStopping(rule, score, config.output_dir, trainer.log)
+    trainer.add_callback(callback)
+    return callback
+
+
 def _run(trainer: MoLETrainer, plan: RunPlan, out: Path) -> None:
     """Train (fresh or resumed), or only load the checkpoint that ends the schedule."""
     say = print if trainer.args.process_index == 0 else (lambda *a, **k: None)  # once
@@ -258,6 +301,10 @@ def finalize(config: TrainConfig, setup: _Setup, plan: RunPlan, wall: float) -> 
     summary = _summary(
         trainer, config, wall, tokens, setup.report, setup.monitor.warnings, plan.checkpoint
     )
+    if setup.convergence is not None and not setup.stopper.stopped:
+        setup.convergence.on_train_begin(trainer.args, trainer.state, trainer.control)  # replay
+        setup.convergence.restore_best(trainer.model)  # the final adapter is the best one
+        summary["convergence"] = setup.convergence.summary()
     _check_skipped(config, summary)
     if completed:
         _write_final(trainer, out, summary, config)  # every rank: gathering shards is collective
