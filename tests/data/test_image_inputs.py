@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from llava_mole.data.collate import DataCollator, InstructDataset
-from llava_mole.data.formats import IMAGE_TOKENS_TRUNCATED, Sample
+from llava_mole.data.formats import IMAGE_TOKENS_TRUNCATED, NO_LABELS_AFTER_TRUNCATION, Sample
 from llava_mole.data.image_inputs import _pad_trailing, collate_image_inputs, image_inputs_for
 from llava_mole.data.templates import IGNORE_INDEX, ConversationEncoder
 from tests.models import family_zoo as zoo
@@ -90,6 +90,16 @@ def test_truncation_inside_an_image_block_is_a_counted_skip(images) -> None:
     assert len(dataset) == 0
     assert dataset.report.skipped[IMAGE_TOKENS_TRUNCATED] == 1
     assert any("cut" in str(problem) for problem in dataset.report.problems)
+
+
+def test_a_sample_left_without_labels_is_a_counted_skip_naming_it(images) -> None:
+    processor = zoo.make_processor(zoo.BY_KEY["llava_next"])
+    encoder = ConversationEncoder(processor, "vicuna_v1", system="")
+    prompt = encoder.prompt(TURNS[:1], SIZES[1])  # image kept, answer cut
+    samples = [Sample("no-answer", images[1], list(TURNS), source="t.json")]
+    dataset = InstructDataset(samples, processor, "vicuna_v1", max_length=len(prompt), system="")
+    assert len(dataset) == 0 and dataset.report.skipped[NO_LABELS_AFTER_TRUNCATION] == 1
+    assert any("no-answer" in str(problem) for problem in dataset.report.problems)
 
 
 def test_text_only_sample_in_a_nested_family_batch(images) -> None:

@@ -32,6 +32,7 @@ real image's block is checked against them. The image goes to the processor as i
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,15 +117,15 @@ class ImageInputs:
         self.rules = family.inputs
         tokenizer = getattr(processor, "tokenizer", processor)
         self.bos_id: int | None = tokenizer.bos_token_id
-        names = {k: getattr(processor, k, None) for k in ("image_token", "boi_token")}
-        try:
-            self.placeholder = self.rules.placeholder.format(**names)
-        except (KeyError, IndexError):
-            raise ValueError(f"{type(processor).__name__}: no {self.rules.placeholder}") from None
-        if "None" in self.placeholder:
+        fields = [f for _, f, _, _ in string.Formatter().parse(self.rules.placeholder) if f]
+        names = {f: getattr(processor, f, None) for f in fields}
+        missing = [f for f, value in names.items() if not isinstance(value, str)]
+        if missing:
             raise ValueError(
-                f"{type(processor).__name__} has no image token for {self.rules.placeholder!r}"
+                f"{type(processor).__name__} has no {missing[0]} (the {family.name} image "
+                f"placeholder is {self.rules.placeholder!r})"
             )
+        self.placeholder = self.rules.placeholder.format(**names)
         self._ids: dict[tuple[int, int], list[int]] = {}
         self._probe: ImageBlock | None = None
 

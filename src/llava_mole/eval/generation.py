@@ -11,6 +11,7 @@ from torch import nn
 
 from .batching import ImageInput
 from .decoding import DecodeParams, generate_batch
+from .settings import EVAL_DEFAULTS
 
 __all__ = ["generate_answers"]
 
@@ -21,8 +22,8 @@ def generate_answers(
     prompts: Sequence[torch.Tensor | Sequence[int]],
     images: Sequence[ImageInput | None] | None = None,
     *,
-    max_new_tokens: int = 16,
-    batch_size: int = 16,
+    max_new_tokens: int = EVAL_DEFAULTS.max_new_tokens,
+    batch_size: int = EVAL_DEFAULTS.batch_size,
     image_mode: str = "pad",
 ) -> list[str]:
     """Greedy answers (KV cache, left-padded batches) to ready-made generation prompts.
