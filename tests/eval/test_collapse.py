@@ -51,3 +51,48 @@ def test_dead_and_monopolising_experts_per_block():
         and expert_findings([[0.75, 0.25]])[0].kind == "monopolising"
     )
     assert "block 1" in expert_findings(loads)[0].message("run a")
+
+
+def test_evaluation_warnings_name_collapsed_domains_and_dead_experts():
+    import torch
+
+    from llava_mole.eval.collapse import evaluation_warnings
+
+    records = [
+        {"domain": "general", "prediction": "kilo", "reference": [f"w{i % 12}", "x"]}
+        for i in range(24)
+    ] + [
+        {"domain": "document", "prediction": f"w{i % 12}", "reference": f"w{i % 12}"}
+        for i in range(24)
+    ]
+    counts = {0: torch.tensor([[[5.0, 5.0, 0.0]], [[4.0, 6.0, 0.0]]]), 1: torch.ones(2, 1, 3)}
+    lines = evaluation_warnings(records, counts)
+    assert lines == [
+        "answer collapse on general: 100% of 24 predictions are 'kilo' (the most frequent reference is 8%)",
+        "dead expert 2 in block 0: 0.0% of tokens",
+    ]
+    assert evaluation_warnings(records[24:]) == []
+
+
+def test_evaluate_reports_each_collapsed_domain_in_its_results(tiny_world, tmp_path, monkeypatch):
+    from llava_mole.data.synthetic import make_data
+    from llava_mole.eval import generation
+    from llava_mole.eval.evaluation import evaluate
+
+    world = make_data(tmp_path / "world", samples_per_domain=2, test_per_domain=12)  # >= 10 each
+
+    def one_answer(model, processor, prompts, images, **kwargs):
+        calls.append(len(prompts))
+        return ["alpha"] * len(prompts)  # the decoding stub: every answer is one word
+
+    calls: list[int] = []
+    monkeypatch.setattr(generation, "generate_answers", one_answer)
+    result = evaluate(
+        tiny_world["model"], mixture=world / "mixture.yaml", out=tmp_path / "r.json", progress=False
+    )
+    assert calls and result["n"] == 36
+    assert [line.split(":")[0] for line in result["warnings"]] == [
+        f"answer collapse on {d}" for d in ("general", "document", "biomedical")
+    ]
+    written = __import__("json").loads((tmp_path / "r.json").read_text())
+    assert written["warnings"] == result["warnings"]

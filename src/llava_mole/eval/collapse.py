@@ -24,9 +24,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["AnswerCollapse", "ExpertFinding", "answer_collapse", "expert_findings"]
+__all__ = [
+    "AnswerCollapse",
+    "ExpertFinding",
+    "answer_collapse",
+    "evaluation_warnings",
+    "expert_findings",
+]
 
 
 @dataclass(frozen=True)
@@ -130,3 +136,27 @@ def expert_findings(
             elif share >= 1 - 1 / (2 * k):
                 found.append(ExpertFinding(block, expert, share, "monopolising"))
     return found
+
+
+def evaluation_warnings(
+    records: Sequence[dict], routing_counts: dict[int, Any] | None = None
+) -> list[str]:
+    """One line per finding of an evaluation: each domain's answer collapse (from the
+    prediction records: ``domain``, ``prediction``, ``reference``), and the dead or monopolising
+    experts of each block (from the routing counts, ``block -> (domains, kinds, K)`` tensors,
+    as ``capture_routing`` collects them)."""
+    by_domain: dict[str, tuple[list[str], list[str]]] = {}
+    for r in records:
+        ref = r["reference"][0] if isinstance(r["reference"], list | tuple) else r["reference"]
+        preds, refs = by_domain.setdefault(r["domain"], ([], []))
+        preds.append(str(r["prediction"]))
+        refs.append(str(ref))
+    lines = []
+    for domain, (preds, refs) in by_domain.items():
+        found = answer_collapse(domain, preds, refs)
+        if found is not None:
+            lines.append(found.message())
+    if routing_counts:
+        loads = [routing_counts[b].sum(dim=(0, 1)).tolist() for b in sorted(routing_counts)]
+        lines += [f.message() for f in expert_findings(loads)]
+    return lines

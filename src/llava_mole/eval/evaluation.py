@@ -10,6 +10,7 @@ routing on and a MoLE adapter, one teacher-forced forward per batch measures the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -32,10 +33,13 @@ from ..data.mixture import MixtureConfig, load_mixture, load_split
 from ..data.templates import ConversationEncoder, EncodeError
 from . import generation  # called through the module: one place to stub decoding
 from .batching import ImageInput
+from .collapse import evaluation_warnings
 from .inference import Loaded, inference_mode, load_for_inference
 from .metrics import score_predictions
 from .routing import RoutingRow, routing_forward, routing_picture
 from .settings import EVAL_DEFAULTS, EvalSettings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["evaluate"]
 
@@ -227,9 +231,10 @@ def evaluate(
 
     Returns:
         ``{"model", "adapter", "split", "per_domain", "overall", "n", "skipped", "predictions",
-        "routing", "wall_time_s"}`` (the results JSON): ``per_domain``/``overall`` as in
+        "routing", "warnings", "wall_time_s"}`` (the results JSON): ``per_domain``/``overall`` as in
         `score_predictions`, ``skipped`` counts dropped samples per reason, ``routing`` as
-        `llava_mole.eval.routing.routing_picture` (None without a MoLE adapter or routing).
+        `llava_mole.eval.routing.routing_picture` (None without a MoLE adapter or routing),
+        ``warnings`` one line per silent failure found (`llava_mole.eval.collapse`).
 
     Raises:
         ValueError: Missing mixture/model, bad settings.
@@ -263,6 +268,9 @@ def evaluate(
     with inference_mode(loaded.model, merge), capturing as capture:
         records = _answer(loaded, items, cfg, settings, domains, capture, skipped)
         picture = routing_picture(capture.stats, domains) if capture is not None else None
+        warnings = evaluation_warnings(records, capture.stats if capture is not None else None)
+    for line in warnings:
+        logger.warning(line)
 
     return _write_result(
         records,
@@ -270,6 +278,7 @@ def evaluate(
         settings,
         skipped,
         picture,
+        warnings,
         model=str(model_dir) if model_dir is not None else _name(loaded.model),
         adapter=None if adapter_dir is None else str(adapter_dir),
         out=out,
@@ -288,6 +297,7 @@ def _write_result(
     settings: EvalSettings,
     skipped: Counter,
     picture: dict[str, Any] | None,
+    warnings: list[str],
     *,
     model: str | None,
     adapter: str | None,
@@ -312,6 +322,7 @@ def _write_result(
         "skipped": dict(sorted(skipped.items())),
         "predictions": None if pred_path is None else str(pred_path),
         "routing": picture,
+        "warnings": warnings,
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
     if out is not None:
