@@ -173,3 +173,15 @@ def test_section_construction_raises_its_error_class_in_one_line():
     with pytest.raises(MyError, match=r"^sec.count: expected an integer"):
         Strict(sec={"count": 1.5})
     assert Strict(sec={"rate": "1e-3"}).sec.rate == pytest.approx(1e-3)
+
+
+def test_mixture_unknown_keys_use_the_schema_suggestion(tmp_path):
+    from llava_mole.data.formats import DataConfigError
+    from llava_mole.data.mixture import load_mixture
+
+    path = tmp_path / "mix.yaml"
+    path.write_text("datasets: [{domain: a, train: a.json, tkae: 3}]\n")
+    with pytest.raises(
+        DataConfigError, match=r"datasets\[0\].tkae: unknown key \(did you mean 'take'\?\)$"
+    ):
+        load_mixture(path)

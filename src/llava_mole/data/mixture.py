@@ -16,6 +16,7 @@ import yaml
 
 from ..eval.metrics import ALL_METRICS, METRICS
 from ..paths import not_found_or, path_problem
+from ..schema import did_you_mean
 from .collate import InstructDataset
 from .convert import PRESETS
 from .formats import DataConfigError, LoadReport, Sample, load_llava_file
@@ -196,7 +197,7 @@ class _Checker:
         for key in data:
             if key not in allowed:
                 where = f"{prefix}{key}" if prefix else str(key)
-                raise self.fail(where, f"unknown key (allowed: {', '.join(allowed)})")
+                raise self.fail(where, f"unknown key{did_you_mean(str(key), allowed)}")
 
     def choice(self, value: object, key: str, choices: Sequence[str]) -> str:
         if not isinstance(value, str) or value not in choices:

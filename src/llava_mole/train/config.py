@@ -209,7 +209,7 @@ class TrainSection(MoLESettings):
     @classmethod
     def _pass_through(cls, data: Any) -> Any:
         """Keys that are ``TrainingArguments`` fields go to ``trainer_args``, type-checked."""
-        kwargs = data.kwargs or {} if isinstance(data, ArgsKwargs) else data
+        kwargs = (data.kwargs or {}) if isinstance(data, ArgsKwargs) else data
         if not isinstance(kwargs, dict):
             return data
         own = {f.name for f in dataclasses.fields(cls)}
