@@ -6,6 +6,9 @@ Runs ``check_correctness`` from ``benchmarks/bench_mole.py`` at tiny sizes. No t
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,30 +105,28 @@ def test_goals_and_tables_from_records(bench):
     assert "| CPU | train | 64 | 4 | 16 |" in table and "| 1.20 |" in table
 
 
-def test_end_to_end_benchmark_runs_on_cpu_at_tiny_sizes(tmp_path):
+@pytest.fixture(scope="module")
+def gpu_session_smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``gpu_session.sh OUT --smoke`` once for the module: it runs ``bench_e2e.py --smoke
+    --decode --device cpu --json OUT/e2e.json`` in a fresh process (one run, two tests: the
+    end-to-end smoke used to run a second time in-process)."""
+    out = tmp_path_factory.mktemp("gpu_session")
+    done = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_session.sh"), str(out), "--smoke"],
+        cwd=SCRIPT.parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return done, out
+
+
+def test_end_to_end_benchmark_runs_on_cpu_at_tiny_sizes(gpu_session_smoke):
     """``bench_e2e.py --smoke``: every variant trains and decodes, every goal ratio is computed."""
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT.parent / "bench_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_e2e"] = module  # dataclasses resolve annotations through sys.modules
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        spec.loader.exec_module(module)
-        result = module.main(
-            [
-                "--smoke",
-                "--decode",
-                "--device",
-                "cpu",
-                "--json",
-                str(tmp_path / "e2e.json"),
-                "--tmp",
-                str(tmp_path / "runs"),
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop("bench_e2e", None)
+    done, out = gpu_session_smoke
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((out / "e2e.json").read_text())
     kinds = {(r["variant"], r["kind"]) for r in result["rows"]}
     assert kinds == {
         ("peft_lora", "train"),
@@ -142,23 +143,12 @@ def test_end_to_end_benchmark_runs_on_cpu_at_tiny_sizes(tmp_path):
         "mole_decode_vs_lora_b1",
     }  # no peak memory and no batch 8 on the CPU smoke plan
     assert result["device_type"] == "cpu"
-    assert (tmp_path / "e2e.json").is_file()
+    assert (out / "e2e.json").is_file()
 
 
-def test_gpu_session_script_smoke_mode(tmp_path):
+def test_gpu_session_script_smoke_mode(gpu_session_smoke):
     """The one GPU-session command runs here first, on CPU at tiny sizes, and writes its JSON."""
-    import os
-    import subprocess
-
-    script = SCRIPT.parent / "gpu_session.sh"
-    done = subprocess.run(
-        ["bash", str(script), str(tmp_path), "--smoke"],
-        cwd=SCRIPT.parents[1],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    done, out = gpu_session_smoke
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "mole_step_vs_lora" in done.stdout
-    assert (tmp_path / "e2e.json").is_file()
+    assert (out / "e2e.json").is_file()

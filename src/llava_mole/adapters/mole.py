@@ -109,7 +109,7 @@ class MoLEMLP(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def route(self, flat: torch.Tensor, top_k: int | None = None):
+    def route(self, flat: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, Routing]:
         """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
             if self.routes_by_domain:
