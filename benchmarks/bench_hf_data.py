@@ -2,7 +2,7 @@
 
 Writes a synthetic DocVQA-like split (question, 3 reference answers, an id and a small PNG
 embedded as a `datasets` Image struct per row) to a temporary folder, in row groups of 10k rows,
-and a tiny model directory (`llava_mole.models.tiny`, or ``--processor DIR`` for a real
+and a tiny model directory (`llava_mole.toy.tiny`, or ``--processor DIR`` for a real
 model's processor), then measures, each in a fresh process so that the peaks do not mix:
 
 * ``prepare``: the first `load_dataset` of the parquet file, i.e. its one-off conversion into
@@ -223,7 +223,7 @@ def _model(folder: Path, processor: str | None) -> None:
     if processor is not None:
         (folder / "model").symlink_to(Path(processor).resolve())
         return
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.tiny import make_tiny
 
     make_tiny(folder / "model", seed=0, pretrain=False, progress=False)
 
@@ -283,7 +283,7 @@ def main() -> None:
             "rows": args.rows,
             "parquet_mb": round(size / 2**20, 1),
             "arrow_mb": round(cache_mb, 1),
-            "processor": args.processor or "tiny model (llava_mole.models.tiny, 16 image tokens)",
+            "processor": args.processor or "tiny model (llava_mole.toy.tiny, 16 image tokens)",
             "command": " ".join(["python", "benchmarks/bench_hf_data.py", *sys.argv[1:]]),
         }
         Path(args.json).write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")

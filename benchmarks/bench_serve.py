@@ -50,7 +50,7 @@ def _tiny(root: Path) -> tuple[Path, Path]:
 
     from llava_mole import MoLEConfig, apply_mole, save_adapter
     from llava_mole.models.loading import load_model_and_processor
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.tiny import make_tiny
 
     model_dir = make_tiny(root / "model", pretrain=False, progress=False)
     model, _ = load_model_and_processor(model_dir)

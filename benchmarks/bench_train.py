@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
 
-    from llava_mole.data.synthetic import make_data
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.synthetic import make_data
+    from llava_mole.toy.tiny import make_tiny
     from llava_mole.train.config import load_train_config
     from llava_mole.train.run import train
 

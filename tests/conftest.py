@@ -28,8 +28,8 @@ def llava():
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A tiny (not pretrained) LLaVA model directory and a small 3-domain synthetic data set."""
-    from llava_mole.data.synthetic import make_data
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.synthetic import make_data
+    from llava_mole.toy.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny_world")
     model_dir = make_tiny(root / "model", seed=0, pretrain=False, progress=False)

@@ -3,7 +3,7 @@
 Unit tests of the adapter layers need a model that builds in milliseconds and whose sizes the
 assertions can count on (2 decoder layers, width 32, 16 image tokens, vocabulary 100 with the
 image token at 99). Every such test builds it here; end-to-end tests use the package's own
-tiny checkpoint (:func:`llava_mole.models.tiny.make_tiny`, the ``tiny_world`` fixture).
+tiny checkpoint (:func:`llava_mole.toy.tiny.make_tiny`, the ``tiny_world`` fixture).
 Sizes are arguments, so a test that needs another shape says so at the call.
 """
 

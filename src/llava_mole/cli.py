@@ -9,8 +9,8 @@ import textwrap
 from collections.abc import Callable
 
 from .eval.settings import EVAL_DEFAULTS, PREDICT_DEFAULTS
-from .models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
 from .toy import WORLD_NAMES
+from .toy.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
 
 
 def _at_least(low: int) -> Callable[[str], int]:
@@ -43,7 +43,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .models.tiny import make_tiny
+    from .toy.tiny import make_tiny
 
     if args.captions is not None:
         from .paths import path_problem
@@ -68,7 +68,7 @@ _DEMO_WORLD_OPTIONS = {"num_classes": 24, "code_questions": "shared", "code_answ
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from .data.synthetic import make_data
+    from .toy.synthetic import make_data
 
     demo_options = {k: getattr(args, k) for k in _DEMO_WORLD_OPTIONS}
     if args.world != "demo":

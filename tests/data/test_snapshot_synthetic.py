@@ -8,7 +8,7 @@ skip counts, problem lines, warnings) for the synthetic demo mixture and for a v
 take / random select / repeat, truncation drops and bad records.
 
 The data come from ``make_data(..., samples_per_domain=24, test_per_domain=6, seed=0)`` and the
-tokenizer from the tiny model (`llava_mole.models.tiny`); the snapshot records fingerprints of
+tokenizer from the tiny model (`llava_mole.toy.tiny`); the snapshot records fingerprints of
 both, so that a deliberate change there fails with a message saying so rather than a diff of
 token ids. Regenerate (only after such a deliberate change) with::
 
@@ -223,8 +223,8 @@ def build_snapshot(model: Path, data: Path) -> dict[str, Any]:
 
 
 def _world(root: Path) -> tuple[Path, Path]:
-    from llava_mole.data.synthetic import make_data
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.synthetic import make_data
+    from llava_mole.toy.tiny import make_tiny
 
     model = make_tiny(root / "model", seed=0, pretrain=False, progress=False)
     data = make_data(root / "data", samples_per_domain=24, test_per_domain=6, seed=0)

@@ -75,9 +75,9 @@ def test_evaluation_warnings_name_collapsed_domains_and_dead_experts():
 
 
 def test_evaluate_reports_each_collapsed_domain_in_its_results(tiny_world, tmp_path, monkeypatch):
-    from llava_mole.data.synthetic import make_data
     from llava_mole.eval import generation
     from llava_mole.eval.evaluation import evaluate
+    from llava_mole.toy.synthetic import make_data
 
     world = make_data(tmp_path / "world", samples_per_domain=2, test_per_domain=12)  # >= 10 each
 

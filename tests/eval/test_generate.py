@@ -18,12 +18,12 @@ import yaml  # noqa: E402
 from llava_mole import MoLEConfig, apply_mole, save_adapter  # noqa: E402
 from llava_mole.adapters.state import get_state  # noqa: E402
 from llava_mole.data import load_split  # noqa: E402
-from llava_mole.data.synthetic import make_data  # noqa: E402
 from llava_mole.eval import evaluation as gen  # noqa: E402
 from llava_mole.eval import generation  # noqa: E402
 from llava_mole.eval.generate import evaluate, generate_answers, predict  # noqa: E402
 from llava_mole.models.loading import load_model_and_processor  # noqa: E402
-from llava_mole.models.tiny import NUM_IMAGE_TOKENS, make_tiny  # noqa: E402
+from llava_mole.toy.synthetic import make_data  # noqa: E402
+from llava_mole.toy.tiny import NUM_IMAGE_TOKENS, make_tiny  # noqa: E402
 
 DOMAINS = {"general", "document", "biomedical"}
 FIELDS = {"id", "domain", "question", "prediction", "reference"}

@@ -13,7 +13,7 @@ from llava_mole.data.templates import build_prompt_for_generation
 from llava_mole.eval.decoding import DecodeParams, generate_batch
 from llava_mole.eval.generate import generate_answers
 from llava_mole.models.loading import load_model_and_processor
-from llava_mole.models.tiny import NUM_IMAGE_TOKENS
+from llava_mole.toy.tiny import NUM_IMAGE_TOKENS
 
 QUESTIONS = ["<image>\nWhat colour is the shape?", "Name a colour.", "<image>\nHow many?"]
 

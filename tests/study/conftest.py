@@ -32,8 +32,8 @@ def write_study(path: Path, world: dict[str, Path], **changes: Any) -> Path:
 @pytest.fixture(scope="session")
 def study_world(tmp_path_factory) -> dict[str, Path]:
     """A tiny untrained LLaVA and a mixture of two of the three synthetic datasets."""
-    from llava_mole.data.synthetic import make_data
-    from llava_mole.models.tiny import make_tiny
+    from llava_mole.toy.synthetic import make_data
+    from llava_mole.toy.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("study_world")
     model = make_tiny(root / "model", seed=0, pretrain=False, progress=False)

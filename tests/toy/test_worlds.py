@@ -10,9 +10,9 @@ import pytest
 
 from llava_mole.cli import main
 from llava_mole.data.mixture import load_split
-from llava_mole.data.synthetic import CODE_WORDS, NUMBER_WORDS
-from llava_mole.models.tiny import MARKER_FILE, cache_key, make_tiny
 from llava_mole.toy import WORLD_NAMES
+from llava_mole.toy.synthetic import CODE_WORDS, NUMBER_WORDS
+from llava_mole.toy.tiny import MARKER_FILE, cache_key, make_tiny
 from llava_mole.toy.worlds import WORLDS, make_world
 
 
@@ -104,7 +104,7 @@ def test_captions_never_contain_a_code_word_and_every_answer_word_is_said(worlds
 def test_bad_captions_records_are_one_line_errors_naming_the_record(tmp_path):
     from transformers import AutoProcessor
 
-    from llava_mole.models.pretrain import caption_file_sets
+    from llava_mole.toy.pretrain import caption_file_sets
 
     tiny = make_tiny(tmp_path / "tiny", pretrain=False, progress=False)
     processor = AutoProcessor.from_pretrained(tiny)

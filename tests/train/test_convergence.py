@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerControl, TrainerState
 
-from llava_mole.models.tiny import make_tiny
+from llava_mole.toy.tiny import make_tiny
 from llava_mole.train.convergence import (
     BEST_FILE,
     DEV_KEY,

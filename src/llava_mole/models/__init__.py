@@ -1,9 +1,2 @@
-"""Built-in offline models (the tiny LLaVA and its stage-1 pretraining) and model loading.
-
-Submodules are imported on use (``llava_mole.models.tiny``), so that importing the default
-paths does not load transformers.
-"""
-
-from .defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR, DEFAULT_WORK_DIR
-
-__all__ = ["DEFAULT_DATA_DIR", "DEFAULT_TINY_MODEL_DIR", "DEFAULT_WORK_DIR"]
+"""Models a real run touches: the family registry, loading, image-only processors and reference
+shapes. (The built-in tiny model and its pretraining live in :mod:`llava_mole.toy`.)"""

@@ -105,8 +105,8 @@ def run_demo(
     Returns:
         The study results (``to_json()`` is what ``results.json`` holds).
     """
-    from ..data.synthetic import make_data
-    from ..models.tiny import make_tiny
+    from ..toy.synthetic import make_data
+    from ..toy.tiny import make_tiny
     from .compare import run_study
 
     if seeds < 1:

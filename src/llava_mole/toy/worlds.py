@@ -1,6 +1,6 @@
 """Synthetic worlds other than the demo's, for testing whether the study holds on fresh data.
 
-The demo's world (:mod:`llava_mole.data.synthetic`) was tuned until its study showed the
+The demo's world (:mod:`llava_mole.toy.synthetic`) was tuned until its study showed the
 conflict the paper describes. A study tool must also tell the truth on worlds it was not tuned
 for (issue 18), so these worlds are different *in kind*, and none of them was tuned to agree
 with the paper:
@@ -23,7 +23,7 @@ with the paper:
     The ``styles`` world with unequal domain sizes (``6 : 2 : 1`` training samples), as real
     mixtures have.
 
-Each world writes the layout of :func:`llava_mole.data.synthetic.make_data` (``<dataset>/{train,
+Each world writes the layout of :func:`llava_mole.toy.synthetic.make_data` (``<dataset>/{train,
 test}.json``, ``<dataset>/images/``, ``mixture.yaml``, ``mixture-<dataset>.yaml``,
 ``world.json``) plus ``captions.json``: stage-1 pretraining records in LLaVA's pretrain format
 (``{"id", "image", "conversations": [human "<image>\\nDescribe the image.", gpt caption]}``),
@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from llava_mole.data.synthetic import (
+from llava_mole.toy import WORLD_NAMES
+from llava_mole.toy.synthetic import (
     _SUPERSAMPLE,
     CODE_WORDS,
     IMAGE_SIZE,
@@ -55,7 +56,6 @@ from llava_mole.data.synthetic import (
     _jitter,
     write_mixture_yaml,
 )
-from llava_mole.toy import WORLD_NAMES
 
 __all__ = ["WORLDS", "WorldDomain", "make_world"]
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from llava_mole.data import synthetic as S
+from llava_mole.toy import synthetic as S
 
 TRAIN, TEST, CLASSES = 48, 24, 24
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llava_mole.models import pretrain, tiny
+from llava_mole.toy import pretrain, tiny
 
 STEPS = 30
 

@@ -592,7 +592,7 @@ def write_mixture_yaml(
     path: Path,
     seed: int,
     specs: Sequence[Any],
-    generator: str = "llava_mole.data.synthetic.make_data",
+    generator: str = "llava_mole.toy.synthetic.make_data",
 ) -> None:
     """Writes a mixture YAML over `specs` (anything with ``.name`` and ``.domain``), paths
     relative to the file, with the settings every synthetic world shares."""
@@ -668,7 +668,7 @@ def make_data(
         write_mixture_yaml(out / f"mixture-{spec.name}.yaml", seed, [spec])
     write_mixture_yaml(out / "mixture.yaml", seed, list(DATASETS))
     world = {
-        "generator": "llava_mole.data.synthetic",
+        "generator": "llava_mole.toy.synthetic",
         "seed": seed,
         "samples_per_domain": samples_per_domain,
         "test_per_domain": test_per_domain,

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from llava_mole.data import synthetic
-from llava_mole.models import tiny
+from llava_mole.toy import synthetic, tiny
 
 PROMPT = "USER: <image>\nWhat is the code for this image? ASSISTANT:"
 

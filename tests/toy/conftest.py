@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from llava_mole.models.tiny import make_tiny  # noqa: E402
+from llava_mole.toy.tiny import make_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

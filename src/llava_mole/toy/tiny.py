@@ -5,7 +5,7 @@
 LLaVA's two-layer GELU projector; about one million parameters), a byte-level BPE tokenizer
 trained on the synthetic world's vocabulary, and a ``LlavaProcessor`` backed by the PIL CLIP
 image processor (no torchvision needed). With ``pretrain=True`` the model first gets a short
-LLaVA-stage-1-like captioning run (:mod:`llava_mole.models.pretrain`) so that instruction
+LLaVA-stage-1-like captioning run (:mod:`llava_mole.toy.pretrain`) so that instruction
 tuning starts from a base that already sees and speaks; pretrained builds are cached under
 ``~/.cache/llava-mole/tiny/<key>`` (root overridable with ``LLAVA_MOLE_CACHE``).
 """
@@ -34,8 +34,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from llava_mole.data import synthetic
-from llava_mole.models.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
+from llava_mole.toy import synthetic
+from llava_mole.toy.defaults import DEFAULT_DATA_DIR, DEFAULT_TINY_MODEL_DIR
 
 __all__ = [
     "BUILD_SPEC_VERSION",
@@ -372,7 +372,7 @@ def make_tiny(
     out = Path(out_dir)
     steps = DEFAULT_PRETRAIN_STEPS if pretrain_steps is None else int(pretrain_steps)
     marker: dict[str, Any] = {
-        "builder": "llava_mole.models.tiny.make_tiny",
+        "builder": "llava_mole.toy.tiny.make_tiny",
         "spec_version": BUILD_SPEC_VERSION,
         "seed": seed,
         "pretrain": pretrain,
@@ -392,7 +392,7 @@ def make_tiny(
             return out
 
     # Imported lazily: pretrain imports this module for the build helpers.
-    from llava_mole.models.pretrain import PretrainConfig, pretrain_captions
+    from llava_mole.toy.pretrain import PretrainConfig, pretrain_captions
 
     model, processor = build_tiny(seed)
     if pretrain:

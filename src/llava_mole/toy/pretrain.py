@@ -3,7 +3,7 @@
 LLaVA first aligns vision and language on image descriptions before instruction tuning. The
 tiny model gets the same treatment at toy scale: a short full-parameter run (AdamW, linear
 warm-up then cosine decay) on synthetic images of all three domains with plain-language
-captions from :func:`llava_mole.data.synthetic.caption_for`. Each example is encoded as
+captions from :func:`llava_mole.toy.synthetic.caption_for`. Each example is encoded as
 
     ``<s>USER: <image>*16\\nDescribe the image. ASSISTANT: <caption></s>``
 
@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from llava_mole.data import synthetic
+from llava_mole.toy import synthetic
 
 IGNORE_INDEX = -100
 PROMPT = f"USER: <image>\n{synthetic.PRETRAIN_QUESTION} ASSISTANT:"
