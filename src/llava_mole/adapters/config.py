@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..schema import SCHEMA_CONFIG, Bool, Float, Int, Str, StrTuple
 
-AdapterMode = Literal["mole", "lora"]
+AdapterMode = Literal["mole", "lora", "none"]
 GateWeighting = Literal["prob", "none"]
 BalanceLoss = Literal["switch", "official"]
 Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
@@ -34,7 +34,9 @@ class MoLEConfig:
 
     Args:
         mode: ``"mole"`` (LoRA on attention, K LoRA experts + router per MLP block) or
-            ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear).
+            ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear), or
+            ``"none"``: nothing injected, only the projector is trained (LLaVA's stage 1,
+            ``llava-mole pretrain``); it needs ``train_projector``.
         rank: LoRA rank ``r`` (per expert for MoLE).
         mlp_rank: rank of the MLP adapters (per expert for MoLE) when it should differ from
             ``rank``; their scale stays ``alpha / rank``. The study's rank-K*r control uses it to
@@ -108,8 +110,10 @@ class MoLEConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"MoLEConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        if self.mode not in ("mole", "lora"):
-            bad("mode", "must be 'mole' or 'lora'")
+        if self.mode not in ("mole", "lora", "none"):
+            bad("mode", "must be 'mole', 'lora' or 'none'")
+        if self.mode == "none" and self.train_projector is not True:
+            bad("train_projector", "mode 'none' trains only the projector: it must be true")
         for name in ("rank", "num_experts", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
