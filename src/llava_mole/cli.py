@@ -482,10 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--train",
-        choices=("projector", "lora"),
+        choices=("projector", "lora", "full"),
         default="projector",
-        help="what trains: the projector only (stage 1, default), or also LoRA on the "
-        "language model (merged into the written weights)",
+        help="what trains: the projector only (stage 1, default), also LoRA on the language "
+        "model (merged into the written weights), or also the whole language model",
     )
     p.add_argument(
         "--template",

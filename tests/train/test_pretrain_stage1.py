@@ -123,16 +123,22 @@ def _yaml(path: Path) -> Path:
     return path
 
 
-def test_train_lora_also_trains_the_language_model_but_not_the_vision_tower(world) -> None:
-    out = world["root"] / "lora-base"
+@pytest.mark.parametrize("what", ["lora", "full"])
+def test_train_lora_or_full_also_trains_the_language_model_not_the_vision_tower(
+    world, what
+) -> None:
+    out = world["root"] / f"{what}-base"
     argv = ["pretrain", str(world["data"] / "captions.json"), "--model", str(world["base"])]
-    argv += ["--out", str(out), "--train", "lora", "--template", "plain"]
+    argv += ["--out", str(out), "--train", what, "--template", "plain"]
     assert cli.main(argv + _sets(FAST + ["train.max_steps=2", "adapter.rank=2"])) == 0
     before, after = _weights(world["base"]), _weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any("language_model." in k and "q_proj" in k for k in changed)
     assert any("multi_modal_projector." in k for k in changed)
     assert not any("vision_tower." in k for k in changed)
+    if what == "full":  # every decoder weight trained, not only the attention's
+        assert any("language_model." in k and "down_proj" in k for k in changed)
+        assert any(k.endswith("lm_head.weight") for k in changed)
 
 
 def test_plain_template_is_image_then_caption() -> None:

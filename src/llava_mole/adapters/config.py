@@ -62,6 +62,9 @@ class MoLEConfig:
             are never adapted.
         train_projector: train the family's projector / connector / merger fully (LLaVA's
             instruction tuning does); a warning says so where a model has none.
+        train_language_model: with ``mode="none"``, also train every weight outside the vision
+            towers fully (the language model and its head: a full fine-tune, ``llava-mole
+            pretrain --train full``); the adapter files then hold all of them.
         dispatch: how tokens reach their experts (see ``adapters.dispatch``); ``"auto"`` picks.
         router: ``"linear"`` (the paper's learned router) or ``"domain"``: every token goes to
             the expert of its sample's domain (``router_domains[i]`` -> expert ``i``), a
@@ -92,6 +95,7 @@ class MoLEConfig:
     mlp_targets: StrTuple = ("gate_proj", "up_proj", "down_proj")
     target_tree: Str | None = None
     train_projector: Bool = True
+    train_language_model: Bool = False
     dispatch: Dispatch = "auto"
     router: Router = "linear"
     router_domains: StrTuple = ()
@@ -164,6 +168,10 @@ class MoLEConfig:
             bad("target_tree", "must be a dotted module path or null")
         if not isinstance(self.train_projector, bool):
             bad("train_projector", "must be true or false")
+        if not isinstance(self.train_language_model, bool):
+            bad("train_language_model", "must be true or false")
+        if self.train_language_model and self.mode != "none":
+            bad("train_language_model", "a full fine-tune is adapter type 'none' (no LoRA on top)")
         if self.router not in ("linear", "domain"):
             bad("router", "must be 'linear' or 'domain'")
         if not isinstance(self.router_domains, tuple) or not all(

@@ -89,7 +89,8 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     ``mode="mole"``: plain LoRA on ``attn_targets``; each SwiGLU MLP becomes a :class:`MoLEMLP`
     with ``num_experts`` LoRA experts on ``mlp_targets`` and a top-k router.
     ``mode="lora"``: plain LoRA on ``attn_targets`` and on every ``mlp_targets`` linear.
-    ``mode="none"``: nothing is injected; only the projector is trained (stage 1).
+    ``mode="none"``: nothing is injected; only the projector is trained (stage 1), or with
+    ``train_language_model`` everything outside the vision towers (a full fine-tune).
 
     Args:
         model: a model of one of the families of :mod:`llava_mole.models.families` (LLaVA-1.5,
@@ -130,6 +131,10 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
         _adapt_mlps(targets.tree, mlps, config, state)
         _adapt_attention(targets, config)
     projector = train_projector(model, targets) if config.train_projector else []
+    if config.train_language_model:
+        for name, param in model.named_parameters():
+            if not targets.is_vision(name):  # the language model, its head (and the projector)
+                param.requires_grad_(True)
 
     # New modules are created in training mode; give them the model's mode (eval stays eval).
     model.train(model.training)

@@ -8,7 +8,9 @@ data is a one-dataset mixture written for the captions file. The merge path
 with its trained projector as a complete model folder.
 
 ``--train lora`` also trains LoRA on the language model's attention and MLP projections
-(``adapter.type: lora``), merged into the written weights likewise.
+(``adapter.type: lora``), merged into the written weights likewise; ``--train full`` trains the
+language model and its head fully as well (``adapter.train_language_model``), the vision
+towers staying frozen.
 
 The captions file is LLaVA's pretrain JSON (``blip_laion_cc_sbu_558k.json`` style: the record
 format of its instruction data, a human turn ``<image>\\n<instruction>`` and a gpt turn with the
@@ -48,8 +50,8 @@ RUN_DIR = "stage1"
 MIXTURE = "captions.yaml"
 MARKER = "stage1.json"
 DOMAIN = "captions"
-TrainWhat = Literal["projector", "lora"]
-TRAIN_CHOICES: tuple[str, ...] = ("projector", "lora")
+TrainWhat = Literal["projector", "lora", "full"]
+TRAIN_CHOICES: tuple[str, ...] = ("projector", "lora", "full")
 PRETRAIN_TEMPLATES: tuple[str, ...] = ("vicuna_v1", "plain", "chat_template")
 
 #: The stage-1 defaults that differ from ``llava-mole train``'s (LLaVA's stage 1: lr 1e-3 for
@@ -61,6 +63,12 @@ STAGE1_DEFAULTS: dict[str, dict[str, Any]] = {
         "train.learning_rate": 2e-4,
         "train.projector_lr": 1e-3,
     },
+    "full": {
+        "adapter.type": "none",
+        "adapter.train_language_model": True,
+        "train.learning_rate": 2e-5,
+        "train.projector_lr": 1e-3,
+    },
 }
 _COMMON = {"train.epochs": 1, "train.warmup_ratio": 0.03, "train.lr_scheduler": "cosine"}
 #: Keys the command sets from its own arguments.
@@ -70,6 +78,7 @@ OWNED_KEYS = {
     "output_dir": "--out",
     "adapter.type": "--train",
     "adapter.train_projector": "(always true)",
+    "adapter.train_language_model": "--train full",
 }
 
 
@@ -83,7 +92,8 @@ class PretrainOptions:
         out: the new base's folder.
         image_folder: where the records' image paths are relative to (default: the captions
             file's folder).
-        train: ``projector`` (stage 1) or ``lora`` (also LoRA on the language model).
+        train: ``projector`` (stage 1), ``lora`` (also LoRA on the language model) or
+            ``full`` (also the whole language model).
         template: ``vicuna_v1`` (each record's instruction), ``plain`` or ``chat_template``.
         system: the ``vicuna_v1`` system prompt (None: LLaVA-1.5's; ``""``: none).
         overrides: ``--set`` items of the training config (``train.*``, ``adapter.*``, ...).
