@@ -149,6 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .train import distributed
     from .train.pretrain import MARKER, PretrainOptions, pretrain
 
     options = PretrainOptions(
@@ -162,8 +163,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides=args.set or [],
     )
     result = pretrain(options)
-    if not result.run.completed:
-        return 0  # stopped early (train.stop_after_steps): the run said how to resume
+    _close_process_group()  # under torchrun: every rank has finished
+    if not result.run.completed or distributed.global_rank() != 0:
+        return 0  # stopped early (train.stop_after_steps: the run said how to resume), or a rank
     if not (result.out / MARKER).is_file():
         print(f"llava-mole pretrain: error: {result.out / MARKER} was not written", file=sys.stderr)
         return 1

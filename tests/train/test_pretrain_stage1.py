@@ -201,6 +201,8 @@ def test_bad_input_is_one_line_and_exit_2(world, tmp_path, capsys) -> None:
     assert "--image-folder" in run(lost)
     assert "folder not found" in run(folder / "captions.json", "--image-folder", "/nowhere")
     assert "set by llava-mole pretrain" in run(folder / "captions.json", "--set", "output_dir=x")
+    base_again = ["pretrain", str(folder / "captions.json"), "--model", model, "--out", model]
+    assert "is the base model folder" in _refused(base_again, capsys)
     assert "train.learnng_rate: unknown key" in run(
         folder / "captions.json", "--set", "train.learnng_rate=1"
     )

@@ -41,6 +41,7 @@ from ..adapters.merge import merge_and_save
 from ..data.formats import LoadReport, load_llava_file
 from ..models.families import FAMILIES
 from ..paths import not_found_or, path_problem
+from . import distributed
 from .config import ConfigError, TrainConfig, load_train_config
 from .lock import run_lock
 from .resume import SUMMARY
@@ -132,7 +133,7 @@ def pretrain(options: PretrainOptions) -> PretrainResult:
     with run_lock(out):
         config = stage1_config(options)
         result = train(config)
-        if not result.completed:
+        if not result.completed or distributed.global_rank() != 0:  # rank 0 writes the model
             return PretrainResult(out, result, False)
         if _marker_matches(out, options):
             print(f"{out}: model already written; nothing changed", flush=True)
@@ -155,6 +156,7 @@ def check_inputs(options: PretrainOptions) -> None:
     _check_path(options.model, "folder", "--model")
     if options.image_folder is not None:
         _check_path(options.image_folder, "folder", "--image-folder")
+    _check_out(Path(options.out), Path(options.model))
     for item in options.overrides:
         key = item.partition("=")[0].strip()
         if key in OWNED_KEYS:
@@ -168,6 +170,15 @@ def _check_path(path: Path, kind: str, what: str) -> None:
     if problem:
         missing = f"{kind} not found: {path}"
         raise ConfigError(f"{what}: {not_found_or(path, kind, missing)}")
+
+
+def _check_out(out: Path, model: Path) -> None:
+    """Never write over the base, nor into a model folder this command did not write."""
+    if out.resolve() == model.resolve():
+        raise ConfigError(f"--out {out}: is the base model folder; give a new folder")
+    ours = (out / MARKER).is_file() or (out / RUN_DIR).is_dir()
+    if (out / "config.json").is_file() and not ours:
+        raise ConfigError(f"--out {out}: holds another model; give a new folder")
 
 
 def check_family(model_dir: Path) -> None:
