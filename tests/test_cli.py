@@ -52,6 +52,7 @@ def test_every_command_has_help_with_examples():
         "make-data",
         "convert",
         "train",
+        "pretrain",
         "eval",
         "predict",
         "compare",

@@ -146,6 +146,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import distributed
+    from .train.pretrain import MARKER, PretrainOptions, pretrain
+
+    options = PretrainOptions(
+        captions=Path(args.captions),
+        model=Path(args.model),
+        out=Path(args.out),
+        image_folder=Path(args.image_folder) if args.image_folder else None,
+        train=args.train,
+        template=args.template,
+        system=args.system,
+        overrides=args.set or [],
+    )
+    result = pretrain(options)
+    _close_process_group()  # under torchrun: every rank has finished
+    if not result.run.completed or distributed.global_rank() != 0:
+        return 0  # stopped early (train.stop_after_steps: the run said how to resume), or a rank
+    if not (result.out / MARKER).is_file():
+        print(f"llava-mole pretrain: error: {result.out / MARKER} was not written", file=sys.stderr)
+        return 1
+    s = result.run.summary
+    print(
+        f"done: {s['steps']} steps; new base model in {result.out} (from_pretrained; use it as "
+        "model.path of llava-mole train)",
+        flush=True,
+    )
+    return 0
+
+
 def _close_process_group() -> None:
     """End torchrun's process group once every rank is done (a monitored barrier on gloo).
 
@@ -431,6 +463,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, parsed as YAML (repeatable); train.* also takes any "
         "transformers TrainingArguments field",
+    )
+
+    p = add(
+        "pretrain",
+        cmd_pretrain,
+        "stage 1: align a model's projector on image-caption pairs (LLaVA pretrain JSON); "
+        "writes a new base model folder",
+        "llava-mole pretrain world/captions.json --model tiny-llava --out tiny-llava-world\n"
+        "llava-mole pretrain blip_laion_cc_sbu_558k.json --model BASE --out NEW_BASE "
+        "--image-folder images --set train.per_device_batch_size=32\n"
+        "llava-mole pretrain captions.json --model BASE --out NEW_BASE --train lora "
+        "--set adapter.rank=8",
+    )
+    p.add_argument("captions", help="captions file (LLaVA pretrain JSON / JSONL records)")
+    p.add_argument("--model", required=True, help="base model directory")
+    p.add_argument("--out", required=True, help="output folder: the new base model")
+    p.add_argument(
+        "--image-folder", default=None, help="image folder (default: the captions file's folder)"
+    )
+    p.add_argument(
+        "--train",
+        choices=("projector", "lora", "full"),
+        default="projector",
+        help="what trains: the projector only (stage 1, default), also LoRA on the language "
+        "model (merged into the written weights), or also the whole language model",
+    )
+    p.add_argument(
+        "--template",
+        choices=("vicuna_v1", "plain", "chat_template"),
+        default="vicuna_v1",
+        help="prompt format: vicuna_v1 keeps each record's instruction (default); plain is "
+        "LLaVA's stage-1 format (image, then caption)",
+    )
+    p.add_argument("--system", default=None, help="vicuna_v1 system prompt ('' for none)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a training setting, as llava-mole train (train.learning_rate=2e-3, "
+        "train.max_steps=..., data.max_length=...)",
     )
 
     p = add(

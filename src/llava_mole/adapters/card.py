@@ -18,6 +18,8 @@ SCORES_KEY = "evaluation"
 def _method(mole: dict[str, Any]) -> str:
     rank = mole.get("rank")
     mlp_rank = mole.get("mlp_rank") or rank
+    if mole.get("mode") == "none":
+        return "no adapter layers: the projector only (stage 1, `llava-mole pretrain`)"
     if mole.get("mode") == "lora":
         return f"plain LoRA (rank {rank} on attention, rank {mlp_rank} on the MLP)"
     experts = mole.get("num_experts")

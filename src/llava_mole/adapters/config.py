@@ -16,7 +16,7 @@ from pydantic import Field
 
 from ..schema import SCHEMA_CONFIG, Bool, Float, Int, Str, StrTuple
 
-AdapterMode = Literal["mole", "lora"]
+AdapterMode = Literal["mole", "lora", "none"]
 GateWeighting = Literal["prob", "none"]
 BalanceLoss = Literal["switch", "official"]
 Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
@@ -34,7 +34,9 @@ class MoLEConfig:
 
     Args:
         mode: ``"mole"`` (LoRA on attention, K LoRA experts + router per MLP block) or
-            ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear).
+            ``"lora"`` (the plain-LoRA baseline: LoRA on attention and on every MLP linear), or
+            ``"none"``: nothing injected, only the projector is trained (LLaVA's stage 1,
+            ``llava-mole pretrain``); it needs ``train_projector``.
         rank: LoRA rank ``r`` (per expert for MoLE).
         mlp_rank: rank of the MLP adapters (per expert for MoLE) when it should differ from
             ``rank``; their scale stays ``alpha / rank``. The study's rank-K*r control uses it to
@@ -60,6 +62,9 @@ class MoLEConfig:
             are never adapted.
         train_projector: train the family's projector / connector / merger fully (LLaVA's
             instruction tuning does); a warning says so where a model has none.
+        train_language_model: with ``mode="none"``, also train every weight outside the vision
+            towers fully (the language model and its head: a full fine-tune, ``llava-mole
+            pretrain --train full``); the adapter files then hold all of them.
         dispatch: how tokens reach their experts (see ``adapters.dispatch``); ``"auto"`` picks.
         router: ``"linear"`` (the paper's learned router) or ``"domain"``: every token goes to
             the expert of its sample's domain (``router_domains[i]`` -> expert ``i``), a
@@ -90,6 +95,7 @@ class MoLEConfig:
     mlp_targets: StrTuple = ("gate_proj", "up_proj", "down_proj")
     target_tree: Str | None = None
     train_projector: Bool = True
+    train_language_model: Bool = False
     dispatch: Dispatch = "auto"
     router: Router = "linear"
     router_domains: StrTuple = ()
@@ -108,8 +114,10 @@ class MoLEConfig:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"MoLEConfig.{name}: {why} (got {getattr(self, name)!r})")
 
-        if self.mode not in ("mole", "lora"):
-            bad("mode", "must be 'mole' or 'lora'")
+        if self.mode not in ("mole", "lora", "none"):
+            bad("mode", "must be 'mole', 'lora' or 'none'")
+        if self.mode == "none" and self.train_projector is not True:
+            bad("train_projector", "mode 'none' trains only the projector: it must be true")
         for name in ("rank", "num_experts", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -160,6 +168,10 @@ class MoLEConfig:
             bad("target_tree", "must be a dotted module path or null")
         if not isinstance(self.train_projector, bool):
             bad("train_projector", "must be true or false")
+        if not isinstance(self.train_language_model, bool):
+            bad("train_language_model", "must be true or false")
+        if self.train_language_model and self.mode != "none":
+            bad("train_language_model", "a full fine-tune is adapter type 'none' (no LoRA on top)")
         if self.router not in ("linear", "domain"):
             bad("router", "must be 'linear' or 'domain'")
         if not isinstance(self.router_domains, tuple) or not all(

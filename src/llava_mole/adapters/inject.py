@@ -89,6 +89,8 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
     ``mode="mole"``: plain LoRA on ``attn_targets``; each SwiGLU MLP becomes a :class:`MoLEMLP`
     with ``num_experts`` LoRA experts on ``mlp_targets`` and a top-k router.
     ``mode="lora"``: plain LoRA on ``attn_targets`` and on every ``mlp_targets`` linear.
+    ``mode="none"``: nothing is injected; only the projector is trained (stage 1), or with
+    ``train_language_model`` everything outside the vision towers (a full fine-tune).
 
     Args:
         model: a model of one of the families of :mod:`llava_mole.models.families` (LLaVA-1.5,
@@ -115,16 +117,24 @@ def apply_mole(model: nn.Module, config: MoLEConfig) -> nn.Module:
             f"{type(model).__name__}: no SwiGLU MLP blocks (gate_proj/up_proj/down_proj) under "
             f"{targets.tree_path or 'the model'!r}; MoLE needs a LLaMA-family language model"
         )
-    _check_attention(model, targets, config)
+    if config.mode == "none":
+        _check_projector(model, targets)  # nothing is injected: only the projector trains
+    else:
+        _check_attention(model, targets, config)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
 
     image_token_id = getattr(getattr(model, "config", None), "image_token_id", None)
     use_router = config.mode == "mole" and config.num_experts > 1
     state = MoLEState(config, len(mlps), image_token_id) if use_router else None
-    _adapt_mlps(targets.tree, mlps, config, state)
-    _adapt_attention(targets, config)
+    if config.mode != "none":
+        _adapt_mlps(targets.tree, mlps, config, state)
+        _adapt_attention(targets, config)
     projector = train_projector(model, targets) if config.train_projector else []
+    if config.train_language_model:
+        for name, param in model.named_parameters():
+            if not targets.is_vision(name):  # the language model, its head (and the projector)
+                param.requires_grad_(True)
 
     # New modules are created in training mode; give them the model's mode (eval stays eval).
     model.train(model.training)
@@ -187,6 +197,19 @@ def _check_attention(model: nn.Module, targets: Targets, config: MoLEConfig) -> 
             f"{type(model).__name__}: no attention projection named {missing[0]!r} under "
             f"{targets.tree_path or 'the model'!r} (attn_targets: {list(config.attn_targets)})"
         )
+
+
+def _check_projector(model: nn.Module, targets: Targets) -> None:
+    """Mode ``none`` trains the projector only: refuse a model that has none."""
+    if targets.projector:
+        return
+    family = targets.family
+    name = family.name if family else type(model).__name__
+    why = "it is text only" if family and not family.multimodal else "none was found"
+    raise AdapterError(
+        f"{name} has no separable projector / connector / merger ({why}); adapter type "
+        "'none' (stage-1 projector alignment) needs one"
+    )
 
 
 def _adapt_attention(targets: Targets, config: MoLEConfig) -> None:

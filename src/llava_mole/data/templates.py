@@ -1,6 +1,6 @@
 """Prompt formatting, tokenization and label masking.
 
-Two templates are supported:
+Three templates are supported:
 
 ``vicuna_v1``
     LLaVA-1.5's conversation format::
@@ -9,6 +9,12 @@ Two templates are supported:
 
 ``chat_template``
     The processor's (or else the tokenizer's) own Jinja chat template.
+
+``plain``
+    LLaVA's stage-1 (projector alignment) format: each user turn is only its image block (its
+    text is dropped), each answer follows directly and ends with eos::
+
+        <s><image>{caption}</s>
 
 Conversations are tokenized turn by turn and the token ids concatenated; the full text is never
 re-tokenized and diffed against the parts, so the labels cannot drift from the inputs. Only the
@@ -57,8 +63,8 @@ from .images import processor_input_size
 
 IGNORE_INDEX = -100
 
-TemplateName = Literal["vicuna_v1", "chat_template"]
-TEMPLATES: tuple[str, ...] = ("vicuna_v1", "chat_template")
+TemplateName = Literal["vicuna_v1", "chat_template", "plain"]
+TEMPLATES: tuple[str, ...] = ("vicuna_v1", "chat_template", "plain")
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -178,8 +184,8 @@ class ConversationEncoder(ChatTemplateSegments):
         )
         # SentencePiece-style tokenizers prefix each encoded segment with a word-start marker.
         self._marker_prefix = bool(probe) and str(probe[0]).startswith("\u2581")
-        if template == "vicuna_v1" and self.eos_id is None:
-            raise ValueError("the vicuna_v1 template needs a tokenizer with an eos token")
+        if template in ("vicuna_v1", "plain") and self.eos_id is None:
+            raise ValueError(f"the {template} template needs a tokenizer with an eos token")
         if template == "chat_template":
             self._chat_template = getattr(processor, "chat_template", None) or getattr(
                 self.tokenizer, "chat_template", None
@@ -339,6 +345,8 @@ class ConversationEncoder(ChatTemplateSegments):
     def _segments(self, turns: list[tuple[str, str]], generation: bool) -> list[Segment]:
         if self.template == "vicuna_v1":
             return self._vicuna_segments(turns, generation)
+        if self.template == "plain":
+            return self._plain_segments(turns)
         return self._chat_segments(turns, generation)
 
     def _vicuna_segments(self, turns: list[tuple[str, str]], generation: bool) -> list[Segment]:
@@ -351,6 +359,18 @@ class ConversationEncoder(ChatTemplateSegments):
                 segments.append(Segment(self._encode_with_image(prompt, IMAGE_PLACEHOLDER), False))
             else:
                 answer = self._encode_text(f" {text}") + [self.eos_id]  # type: ignore[list-item]
+                segments.append(Segment(answer, True))
+        return segments
+
+    def _plain_segments(self, turns: list[tuple[str, str]]) -> list[Segment]:
+        """LLaVA's stage-1 format: user turns keep only their image blocks; answers end in eos."""
+        segments = [Segment([self.bos_id] if self.bos_id is not None else [], False)]
+        for role, text in turns:
+            if role == USER:
+                blocks = IMAGE_PLACEHOLDER * text.count(IMAGE_PLACEHOLDER)
+                segments.append(Segment(self._encode_with_image(blocks, IMAGE_PLACEHOLDER), False))
+            else:
+                answer = self._encode_text(text) + [self.eos_id]  # type: ignore[list-item]
                 segments.append(Segment(answer, True))
         return segments
 
