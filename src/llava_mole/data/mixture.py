@@ -13,16 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .. import schema
 from ..eval.metrics import METRICS
-from ..paths import not_found_or, path_problem
 from ..schema import SchemaError
 from .collate import InstructDataset
-from .convert import PRESETS
-from .formats import DataConfigError, LoadReport, Sample, load_llava_file
-from .hf import HFRows, HFSource, load_hf_samples, open_hf_split, resolve_columns, scan_hf_rows
+from .formats import DataConfigError, LoadReport, Sample
+from .hf import HFRows, HFSource
 from .images import DEFAULT_MAX_PIXELS, image_checker
 from .mixture_schema import (
     SELECT_MODES,
@@ -32,7 +28,9 @@ from .mixture_schema import (
     MixtureFile,
     MixtureSettings,
     check_rules,
+    read_mixture_yaml,
 )
+from .mixture_sources import check_paths, entry_samples
 from .selection import (
     ListTable,
     Part,
@@ -201,27 +199,6 @@ def _spec(entry: DatasetEntry, base: Path, where: str) -> DatasetSpec:
     )
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
-    """The file's top-level mapping; one-line `DataConfigError` if unreadable or not YAML."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        missing = f"mixture file not found: {path}"
-        raise DataConfigError(not_found_or(path, "file", missing)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataConfigError(f"cannot read mixture file {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise DataConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise DataConfigError(f"{path}: expected a mapping with a 'datasets' list at top level")
-    return data
-
-
 def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     """Reads and validates a mixture YAML file (schema only; data files are opened later).
 
@@ -239,7 +216,7 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
             (``mix.yaml: datasets[1].take: expected 'all', ... (got -3)``).
     """
     path = Path(path)
-    data = _read_mapping(path)
+    data = read_mixture_yaml(path)
     try:
         raw = schema.validate(MixtureFile, data)
         check_rules(raw)
@@ -252,67 +229,6 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
 
 def _mixture(mixture: str | os.PathLike[str] | MixtureConfig) -> MixtureConfig:
     return mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
-
-
-def _load_hf_entry(
-    where: str,
-    spec: DatasetSpec,
-    source: HFSource,
-    *,
-    check_image: Any,
-    report: LoadReport,
-    allow_outside_images: bool,
-    lazy: bool,
-) -> list[Sample] | HFRows:
-    """The valid samples of one Hugging Face split (`HFRows` if `lazy`, else a list); config
-    errors are prefixed with `where`."""
-    folder = spec.image_folder
-    local = Path(source.location)
-    if folder is None and local.exists():
-        folder = local if local.is_dir() else local.parent
-    try:
-        ds = open_hf_split(source)
-        candidates = PRESETS[spec.preset].columns if spec.preset else None
-        roles = resolve_columns(ds.column_names, spec.columns, source.name, candidates)
-        return (scan_hf_rows if lazy else load_hf_samples)(
-            ds,
-            roles,
-            name=source.name,
-            domain=spec.domain,
-            report=report,
-            image_root=folder,
-            allow_outside_images=allow_outside_images,
-            check_image=check_image,
-            prompt_suffix=spec.prompt_suffix,
-        )
-    except DataConfigError as e:
-        raise DataConfigError(f"{where}: {e}") from None
-
-
-def _check_paths(cfg: MixtureConfig, i: int, split: str, source: Path | HFSource) -> None:
-    """One line naming the key when a split file or the image folder is missing."""
-    if isinstance(source, Path) and path_problem(source, "file"):
-        missing = f"file not found: {source}"
-        raise DataConfigError(
-            f"{cfg.path}: datasets[{i}].{split}: {not_found_or(source, 'file', missing)}"
-        )
-    folder = cfg.datasets[i].image_folder
-    if folder is not None and path_problem(folder, "folder"):
-        missing = f"folder not found: {folder}"
-        raise DataConfigError(
-            f"{cfg.path}: datasets[{i}].image_folder: {not_found_or(folder, 'folder', missing)}"
-        )
-
-
-def _entry_samples(
-    cfg: MixtureConfig, i: int, split: str, source: Path | HFSource, lazy: bool, **kw: Any
-) -> list[Sample] | HFRows:
-    """The valid samples of entry `i`: a list (JSON, or datasets read eagerly) or `HFRows`."""
-    spec = cfg.datasets[i]
-    if isinstance(source, HFSource):
-        where = f"{cfg.path}: datasets[{i}].{split}"
-        return _load_hf_entry(where, spec, source, lazy=lazy, **kw)
-    return load_llava_file(source, spec.image_folder, domain=spec.domain, **kw)
 
 
 def load_split(
@@ -373,8 +289,8 @@ def load_split(
         source = spec.source(split)
         if source is None:
             continue
-        _check_paths(cfg, i, split, source)
-        valid = _entry_samples(
+        check_paths(cfg, i, split, source)
+        valid = entry_samples(
             cfg,
             i,
             split,

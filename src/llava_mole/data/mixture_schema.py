@@ -14,7 +14,8 @@ datasets:                    # DatasetEntry: one entry as written
 one ``datasets`` entry as written (paths not yet resolved; ``train``/``test`` are split names
 of an ``hf`` entry); :class:`MixtureFile` is the whole file. :func:`check_rules` holds the
 rules across keys; the one rule that looks at the files (``prompt_suffix``) is applied where
-the paths are resolved (:func:`llava_mole.data.mixture.load_mixture`).
+the paths are resolved (:func:`llava_mole.data.mixture.load_mixture`). :func:`read_mixture_yaml`
+reads the file (``mixture file not found: ...``, ``invalid YAML at line N: ...``).
 
 Problems are :class:`~llava_mole.schema.SchemaError`\\ s, one line naming the dotted key::
 
@@ -27,15 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pydantic
+import yaml
 from pydantic import BeforeValidator, PlainValidator, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..eval.metrics import ALL_METRICS
+from ..paths import not_found_or
 from ..schema import SCHEMA_CONFIG, Bool, Int, Schema, SchemaError, Str, at_least, section
 from .convert import PRESETS
+from .formats import DataConfigError
 from .hf import COLUMN_ROLES
 from .images import IMAGE_MODES
 from .selection import Take
@@ -48,7 +53,9 @@ __all__ = [
     "DatasetEntry",
     "MixtureFile",
     "MixtureSettings",
+    "SETTINGS",
     "check_rules",
+    "read_mixture_yaml",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -232,6 +239,30 @@ class MixtureFile(MixtureSettings):
     datasets: Annotated[list[DatasetEntry], BeforeValidator(_non_empty_list)] = dataclasses.field(
         kw_only=True
     )
+
+
+# ---- the file ------------------------------------------------------------------------------
+
+
+def read_mixture_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping; one-line `DataConfigError` if unreadable or not YAML."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        missing = f"mixture file not found: {path}"
+        raise DataConfigError(not_found_or(path, "file", missing)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataConfigError(f"cannot read mixture file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise DataConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise DataConfigError(f"{path}: expected a mapping with a 'datasets' list at top level")
+    return data
 
 
 # ---- rules across keys ---------------------------------------------------------------------
