@@ -151,6 +151,7 @@ class MixtureConfig(MixtureSettings):
 
 
 def _resolve(base: Path, value: str) -> Path:
+    """``value`` (``~`` expanded) as a path; a relative one is taken from ``base``."""
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else base / path
 
@@ -191,8 +192,8 @@ def _spec(entry: DatasetEntry, base: Path, where: str) -> DatasetSpec:
         metric=entry.metric_name(),
         hf=hf,
         hf_config=entry.hf_config,
-        train_split=named["train"] if hf else None,
-        test_split=named["test"] if hf else None,
+        train_split=named["train"] if hf is not None else None,
+        test_split=named["test"] if hf is not None else None,
         columns=entry.column_mapping(),
         preset=entry.preset,
         prompt_suffix=entry.question_suffix(),
