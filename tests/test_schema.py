@@ -82,6 +82,28 @@ def test_unknown_key_far_from_any_lists_the_known_ones():
         schema.validate(Outer, {"zzz": 1}, root="cfg")
 
 
+class Listed(schema.Schema):
+    items: list[Inner] = []
+    by_name: dict[str, Inner] = {}
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"items": [{}, {"stepz": 1}]}, "items[1].stepz: unknown key (did you mean 'steps'?)"),
+        ({"by_name": {"a": {"flg": 1}}}, "by_name.a.flg: unknown key (did you mean 'flag'?)"),
+    ],
+)
+def test_unknown_keys_inside_lists_and_dicts_get_suggestions(data, message):
+    with pytest.raises(SchemaError) as info:
+        schema.validate(Listed, data)
+    assert str(info.value) == message
+
+
+def test_no_empty_list_of_known_keys():
+    assert schema.did_you_mean("x", []) == ""
+
+
 def test_none_is_allowed_where_the_type_says_so():
     assert schema.validate(Inner, {"lr": None}).lr is None
 

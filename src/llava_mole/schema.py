@@ -231,7 +231,7 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
     if close:
         return f" (did you mean {close[0]!r}?)"
-    return f" (known: {', '.join(known)})" if len(known) <= 40 else ""
+    return f" (known: {', '.join(known)})" if 0 < len(known) <= 40 else ""
 
 
 def _dotted(root: str, loc: Sequence[Any]) -> str:
@@ -245,23 +245,40 @@ def _dotted(root: str, loc: Sequence[Any]) -> str:
 
 
 def _known_at(tp: Any, loc: Sequence[Any]) -> list[str]:
-    """Field names of the mapping type reached by following ``loc`` from ``tp``."""
+    """Field names of the mapping type reached by following ``loc`` from ``tp``.
+
+    An index (``datasets[0]``) steps into a list's or tuple's item type, a key of a
+    ``dict[str, X]`` into ``X``.
+    """
+    tp = _bare(tp)
     for part in loc:
-        if isinstance(part, int) or _TAG.match(str(part)):
+        if _TAG.match(str(part)):
+            continue
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (list, tuple, set, frozenset) and isinstance(part, int) and args:
+            tp = _bare(args[0])
+            continue
+        if origin is dict and len(args) == 2:
+            tp = _bare(args[1])
             continue
         fields = _field_types(tp)
         if part not in fields:
             return []
-        tp = fields[part]
-        while typing.get_origin(tp) in (Annotated, typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = args[0]
+        tp = _bare(fields[part])
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return list(tp.model_fields)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp, include_extras=True)
         return [_alias(hints.get(f.name)) or f.name for f in dataclasses.fields(tp) if f.init]
     return []
+
+
+def _bare(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata and ``| None`` (the first other union member)."""
+    while typing.get_origin(tp) in (Annotated, typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    return tp
 
 
 def _alias(hint: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from llava_mole.data import (
     load_mixture,
     load_split,
 )
-from llava_mole.data.mixture import take_count
+from llava_mole.data.mixture import MixtureConfig, take_count
+from llava_mole.data.mixture_schema import MixtureSettings
 from llava_mole.data.templates import VICUNA_V1_SYSTEM
 
 
@@ -116,51 +118,51 @@ def test_take_larger_than_data_is_a_warning(tmp_path, make_dataset):
 ERRORS = [
     (
         "datasets: [{domain: a, train: a.json}, {domain: b, train: a.json, take: -3}]",
-        "datasets[1].take: expected 'all', an int >= 1 or a fraction in (0, 1], got -3",
+        "datasets[1].take: expected 'all', an integer >= 1 or a fraction in (0, 1] (got -3)",
     ),
     ("datasets: [{domain: a, train: a.json, take: 1.5}]", "datasets[0].take: expected 'all'"),
     ("datasets: [{domain: a, train: a.json, take: true}]", "datasets[0].take: expected 'all'"),
     ("datasets: [{domain: a, train: a.json, take: some}]", "got 'some'"),
     (
         "datasets: [{domain: a, train: a.json, repeat: 0}]",
-        "datasets[0].repeat: expected an int >= 1, got 0",
+        "datasets[0].repeat: must be >= 1 (got 0)",
     ),
     (
         "datasets: [{domain: a, train: a.json, repeat: '2'}]",
-        "datasets[0].repeat: expected an int >= 1",
+        "datasets[0].repeat: expected an integer (got '2')",
     ),
     (
         "datasets: [{domain: a, train: a.json, select: last}]",
-        "datasets[0].select: expected one of first, random",
+        "datasets[0].select: must be one of 'first' or 'random' (got 'last')",
     ),
     (
         "datasets: [{domain: a, train: a.json, metric: bleu}]",
-        "datasets[0].metric: expected one of exact_match",
+        "datasets[0].metric: must be one of 'exact_match', 'vqa_accuracy'",
     ),
     (
         "datasets: [{domain: a, train: a.json, test_take: 0}]",
         "datasets[0].test_take: expected 'all'",
     ),
     ("datasets: [{domain: a, train: a.json, colour: red}]", "datasets[0].colour: unknown key"),
-    ("datasets: [{train: a.json}]", "datasets[0].domain: required key missing"),
+    ("datasets: [{train: a.json}]", "datasets[0].domain: required"),
     ("datasets: [{domain: '', train: a.json}]", "datasets[0].domain: expected a non-empty string"),
-    ("datasets: [{domain: a, train: 3}]", "datasets[0].train: expected a non-empty string, got 3"),
+    ("datasets: [{domain: a, train: 3}]", "datasets[0].train: expected a non-empty string (got 3)"),
     (
         "datasets: [{domain: a, image_folder: img}]",
         "datasets[0]: needs a 'train' and/or a 'test' file",
     ),
     ("datasets: [a.json]", "datasets[0]: expected a mapping"),
     ("datasets: []", "datasets: expected a non-empty list"),
-    ("seed: 1", "datasets: expected a non-empty list, got None"),
+    ("seed: 1", "datasets: required"),
     ("datasets: [{domain: a, train: a.json}]\nepochs: 3", "epochs: unknown key"),
-    ("datasets: [{domain: a, train: a.json}]\nseed: '1'", "seed: expected an int, got '1'"),
+    ("datasets: [{domain: a, train: a.json}]\nseed: '1'", "seed: expected an integer (got '1')"),
     (
         "datasets: [{domain: a, train: a.json}]\ntemplate: llama",
-        "template: expected one of vicuna_v1, chat_template",
+        "template: must be one of 'vicuna_v1' or 'chat_template' (got 'llama')",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nsystem: 3",
-        "system: expected a string ('' for none), got 3",
+        "system: expected a string ('' for none) (got 3)",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\ntemplate: chat_template\nsystem: hi",
@@ -168,24 +170,57 @@ ERRORS = [
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nmax_length: 0",
-        "max_length: expected an int >= 1, got 0",
+        "max_length: must be >= 1 (got 0)",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nmax_length: true",
-        "max_length: expected an int >= 1",
+        "max_length: expected an integer (got True)",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nimage_mode: crop",
-        "image_mode: expected one of pad, resize",
+        "image_mode: must be one of 'pad' or 'resize' (got 'crop')",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nstrict: yes please",
-        "strict: expected true or false",
+        "strict: expected true/false (got 'yes please')",
     ),
     (
         "datasets: [{domain: a, train: a.json}, {domain: a, train: a.json, metric: anls}]",
-        "datasets[1].metric: domain 'a' already uses metric 'exact_match', got 'anls'",
+        "datasets[1].metric: domain 'a' already uses metric 'exact_match' (got 'anls')",
     ),
+    ("datasets: [{domain: a, train: a.json, tkae: 3}]", "datasets[0].tkae: unknown key (did you"),
+    ("seed: 1\ndatasets:", "datasets: expected a non-empty list (got None)"),
+    ("datasets: [{domain: a, train: a.json, take: '0.5'}]", "datasets[0].take: expected 'all'"),
+    ("datasets: [{domain: a, train: a.json, take: null}]", "datasets[0].take: expected 'all'"),
+    ("datasets: [{domain: a, train: a.json, name: null}]", "datasets[0].name: expected a non-emp"),
+    ("datasets: [{domain: a, hf: null, test: t}]", "datasets[0].hf: expected a non-empty string"),
+    ("datasets: [{domain: a, hf: x}]", "datasets[0]: needs a 'train' and/or a 'test' split name"),
+    (
+        "datasets: [{domain: a, train: a.json, hf_config: c}]",
+        "datasets[0].hf_config: only an 'hf' entry takes a config name",
+    ),
+    (
+        "datasets: [{domain: a, train: a.parquet, columns: {questoin: q}}]",
+        "datasets[0].columns.questoin: unknown key (did you mean 'question'?)",
+    ),
+    (
+        "datasets: [{domain: a, train: a.parquet, columns: {}}]",
+        "datasets[0].columns: expected a mapping of role: column (got {})",
+    ),
+    (
+        "datasets: [{domain: a, train: a.parquet, columns: {image: 3}}]",
+        "datasets[0].columns.image: expected a non-empty string (got 3)",
+    ),
+    (
+        "datasets: [{domain: a, train: a.parquet, preset: coco}]",
+        "datasets[0].preset: must be one of 'vqav2', 'textvqa', 'docvqa', 'chartqa' or 'pathvqa'",
+    ),
+    (
+        "datasets: [{domain: a, train: a.parquet, prompt_suffix: 3}]",
+        "datasets[0].prompt_suffix: expected a string (got 3)",
+    ),
+    ("datasets: [{domain: a, train: a.json}]\nsystem: null", "system: expected a string ('' for"),
+    ("datasets: [{domain: a, train: a.json}]\nseed: null", "seed: must not be null"),
     ("- a\n- b", "expected a mapping with a 'datasets' list"),
     ("datasets: [{domain: a", "invalid YAML at line"),
 ]
@@ -200,6 +235,39 @@ def test_config_errors_are_one_line_and_name_the_key(tmp_path, text, message):
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_the_top_level_settings_are_declared_once():
+    # MixtureConfig inherits MixtureSettings: a key of the YAML is an attribute, same default.
+    settings = [f.name for f in dataclasses.fields(MixtureSettings)]
+    assert settings == ["seed", "template", "system", "max_length", "image_mode", "strict"]
+    assert [f.name for f in dataclasses.fields(MixtureConfig)] == [*settings, "path", "datasets"]
+    cfg = MixtureConfig(path=Path("m.yaml"), datasets=[])
+    assert (cfg.seed, cfg.template, cfg.system, cfg.max_length) == (0, "vicuna_v1", None, 2048)
+
+
+def test_hf_entries_presets_and_nulls(tmp_path):
+    (tmp_path / "local").mkdir()
+    path = write_yaml(
+        tmp_path,
+        """
+        datasets:
+          - {domain: a, hf: local, train: tr, test: null, preset: docvqa}
+          - {domain: b, hf: someone/docs, hf_config: en, test: val, preset: docvqa,
+             prompt_suffix: null, metric: exact_match}
+          - {domain: c, test: t.parquet, image_folder: null, prompt_suffix: '',
+             columns: {question: q, image: null, answer: a}}
+        """,
+    )
+    local, cached, columns = load_mixture(path).datasets
+    assert (local.hf, local.train_split, local.test_split) == (str(tmp_path / "local"), "tr", None)
+    assert local.train is None and local.name == "local"
+    assert local.metric == "anls" and local.prompt_suffix.startswith("Answer the question")
+    assert (cached.hf, cached.hf_config, cached.name) == ("someone/docs", "en", "someone/docs")
+    assert cached.metric == "exact_match" and cached.prompt_suffix is None  # null: no suffix
+    assert columns.test == tmp_path / "t.parquet" and columns.image_folder is None
+    assert columns.prompt_suffix is None and columns.preset is None
+    assert list(columns.columns.items()) == [("question", "q"), ("image", None), ("answer", "a")]
 
 
 def test_known_metrics():

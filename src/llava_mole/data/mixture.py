@@ -1,35 +1,36 @@
-"""Dataset mixtures: the YAML schema, its validation, sample selection and `build_datasets`.
+"""Dataset mixtures: `load_mixture`, sample selection and `build_datasets`.
 
-See ``docs/data.md`` for the schema with an example. Everything is deterministic given the
+The YAML's keys, types, ranges and defaults are `llava_mole.data.mixture_schema`'s; see
+``docs/data.md`` for the schema with an example. Everything is deterministic given the
 mixture's seed: ``select: random`` draws with a generator seeded by (seed, dataset name, split).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..eval.metrics import ALL_METRICS, METRICS
-from ..paths import not_found_or, path_problem
-from ..schema import did_you_mean
+from .. import schema
+from ..eval.metrics import METRICS
+from ..schema import SchemaError
 from .collate import InstructDataset
-from .convert import PRESETS
-from .formats import DataConfigError, LoadReport, Sample, load_llava_file
-from .hf import (
-    COLUMN_ROLES,
-    HFRows,
-    HFSource,
-    load_hf_samples,
-    open_hf_split,
-    resolve_columns,
-    scan_hf_rows,
+from .formats import DataConfigError, LoadReport, Sample
+from .hf import HFRows, HFSource
+from .images import DEFAULT_MAX_PIXELS, image_checker
+from .mixture_schema import (
+    SELECT_MODES,
+    SETTINGS,
+    SPLITS,
+    DatasetEntry,
+    MixtureFile,
+    MixtureSettings,
+    check_rules,
+    read_mixture_yaml,
 )
-from .images import DEFAULT_MAX_PIXELS, IMAGE_MODES, image_checker
+from .mixture_sources import check_paths, entry_samples
 from .selection import (
     ListTable,
     Part,
@@ -40,15 +41,14 @@ from .selection import (
     select_samples,
     take_count,
 )
-from .templates import TEMPLATES
 
 KNOWN_METRICS: tuple[str, ...] = tuple(METRICS)
 """The default (official) metrics; a mixture may also name a lenient variant (`ALL_METRICS`)."""
-SPLITS: tuple[str, ...] = ("train", "test")
-SELECT_MODES: tuple[str, ...] = ("first", "random")
 
 __all__ = [
     "KNOWN_METRICS",
+    "SELECT_MODES",
+    "SPLITS",
     "DatasetSpec",
     "MixtureConfig",
     "SampleView",
@@ -60,24 +60,6 @@ __all__ = [
     "take_count",
 ]
 
-_TOP_KEYS = ("datasets", "seed", "template", "system", "max_length", "image_mode", "strict")
-_DATASET_KEYS = (
-    "name",
-    "domain",
-    "train",
-    "test",
-    "image_folder",
-    "take",
-    "select",
-    "repeat",
-    "test_take",
-    "metric",
-    "hf",
-    "hf_config",
-    "columns",
-    "preset",
-    "prompt_suffix",
-)
 HF_ONLY_SUFFIXES = (".parquet", ".arrow")
 
 
@@ -145,29 +127,17 @@ class DatasetSpec:
 
 
 @dataclass
-class MixtureConfig:
-    """A validated mixture file.
+class MixtureConfig(MixtureSettings):
+    """A validated mixture file: its settings (`MixtureSettings`: ``seed``, ``template``,
+    ``system``, ``max_length``, ``image_mode``, ``strict``) and datasets.
 
     Attributes:
         path: The YAML file.
         datasets: The datasets, in file order.
-        seed: Seed of random selection.
-        template: Prompt template (``vicuna_v1`` or ``chat_template``).
-        system: System prompt of ``vicuna_v1``; None: LLaVA-1.5's ("A chat between a curious
-            user..."), ``""``: none (e.g. for a model never trained with one).
-        max_length: Truncation length in tokens.
-        image_mode: ``pad`` or ``resize``.
-        strict: Raise on any bad sample instead of skipping it.
     """
 
-    path: Path
-    datasets: list[DatasetSpec]
-    seed: int = 0
-    template: str = "vicuna_v1"
-    system: str | None = None
-    max_length: int = 2048
-    image_mode: str = "pad"
-    strict: bool = False
+    path: Path = field(kw_only=True)
+    datasets: list[DatasetSpec] = field(kw_only=True)
 
     @property
     def domains(self) -> list[str]:
@@ -180,140 +150,61 @@ class MixtureConfig:
         return {d.domain: d.metric for d in self.datasets}
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _Checker:
-    """Builds one-line `DataConfigError`s: ``file: key.path: message``."""
-
-    def __init__(self, path: Path) -> None:
-        self.name = str(path)
-
-    def fail(self, key: str, message: str) -> DataConfigError:
-        return DataConfigError(f"{self.name}: {key}: {message}")
-
-    def unknown_keys(self, data: Mapping[Any, Any], allowed: Sequence[str], prefix: str) -> None:
-        for key in data:
-            if key not in allowed:
-                where = f"{prefix}{key}" if prefix else str(key)
-                raise self.fail(where, f"unknown key{did_you_mean(str(key), allowed)}")
-
-    def choice(self, value: object, key: str, choices: Sequence[str]) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def take(self, value: object, key: str) -> Take:
-        if value == "all" and isinstance(value, str):
-            return "all"
-        if _is_int(value) and value >= 1:  # type: ignore[operator]
-            return int(value)  # type: ignore[arg-type]
-        if isinstance(value, float) and 0.0 < value <= 1.0:
-            return value
-        raise self.fail(key, f"expected 'all', an int >= 1 or a fraction in (0, 1], got {value!r}")
-
-    def positive_int(self, value: object, key: str) -> int:
-        if not _is_int(value) or value < 1:  # type: ignore[operator]
-            raise self.fail(key, f"expected an int >= 1, got {value!r}")
-        return int(value)  # type: ignore[arg-type]
-
-    def string(self, value: object, key: str) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"expected a non-empty string, got {value!r}")
-        return value
-
-
 def _resolve(base: Path, value: str) -> Path:
+    """``value`` (``~`` expanded) as a path; a relative one is taken from ``base``."""
     path = Path(os.path.expanduser(value))
     return path if path.is_absolute() else base / path
 
 
-def _columns(check: _Checker, value: object, key: str) -> dict[str, str | None] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict) or not value:
-        raise check.fail(key, f"expected a mapping of role: column, got {value!r:.80}")
-    check.unknown_keys(value, COLUMN_ROLES, f"{key}.")
-    for role, column in value.items():
-        if column is not None:
-            check.string(column, f"{key}.{role}")
-    return dict(value)
+def _spec(entry: DatasetEntry, base: Path, where: str) -> DatasetSpec:
+    """The resolved `DatasetSpec` of a validated entry; relative paths are taken from ``base``.
 
-
-def _hf_keys(check: _Checker, base: Path, prefix: str, entry: Mapping[str, Any]) -> dict:
-    """The Hugging Face keys of an entry (hf, hf_config, columns, preset, prompt_suffix)."""
-    out: dict[str, Any] = {"columns": _columns(check, entry.get("columns"), f"{prefix}.columns")}
-    if "hf" in entry:
-        value = check.string(entry["hf"], f"{prefix}.hf")
-        local = _resolve(base, value)
-        out["hf"] = str(local) if local.exists() else value
-    if "hf_config" in entry:
-        if "hf" not in entry:
-            raise check.fail(f"{prefix}.hf_config", "only an 'hf' entry takes a config name")
-        out["hf_config"] = check.string(entry["hf_config"], f"{prefix}.hf_config")
-    preset = entry.get("preset")
-    if preset is not None:
-        preset = check.choice(preset, f"{prefix}.preset", tuple(PRESETS))
-        out["preset"] = preset
-    suffix = entry.get("prompt_suffix", PRESETS[preset].prompt_suffix if preset else None)
-    if suffix is not None and not isinstance(suffix, str):
-        raise check.fail(f"{prefix}.prompt_suffix", f"expected a string, got {suffix!r:.80}")
-    out["prompt_suffix"] = suffix or None
-    return out
-
-
-def _dataset_spec(check: _Checker, base: Path, prefix: str, entry: object) -> DatasetSpec:
-    """Validates one ``datasets`` entry (schema only)."""
-    if not isinstance(entry, dict):
-        raise check.fail(prefix, f"expected a mapping, got {entry!r:.80}")
-    check.unknown_keys(entry, _DATASET_KEYS, f"{prefix}.")
-    if "domain" not in entry:
-        raise check.fail(f"{prefix}.domain", "required key missing")
-    domain = check.string(entry["domain"], f"{prefix}.domain")
-    hf = _hf_keys(check, base, prefix, entry)
-    values = {s: entry.get(s) for s in SPLITS}
-    if values["train"] is None and values["test"] is None:
-        what = "split name" if "hf" in hf else "file"
-        raise check.fail(prefix, f"needs a 'train' and/or a 'test' {what}")
-    named = {s: None if v is None else check.string(v, f"{prefix}.{s}") for s, v in values.items()}
-    files = {s: None if v is None or "hf" in hf else _resolve(base, v) for s, v in named.items()}
-    if "hf" in hf:
-        hf.update(train_split=named["train"], test_split=named["test"])
-    folder = entry.get("image_folder")
-    if folder is not None:
-        folder = _resolve(base, check.string(folder, f"{prefix}.image_folder"))
-    preset = hf.get("preset")
-    default_metric = PRESETS[preset].metric if preset else "exact_match"
+    Raises:
+        SchemaError: ``prompt_suffix`` on an entry read as LLaVA JSON (no question column).
+    """
+    hf = None
+    if entry.hf is not None:
+        local = _resolve(base, entry.hf)
+        hf = str(local) if local.exists() else entry.hf  # else a cached dataset's name
+    named = {"train": entry.train, "test": entry.test}
+    files = {
+        s: None if v is None or hf is not None else _resolve(base, v) for s, v in named.items()
+    }
     plain_json = all(
         f is None or (f.suffix.lower() not in HF_ONLY_SUFFIXES and not f.is_dir())
         for f in files.values()
     )
-    if "prompt_suffix" in entry and plain_json and "hf" not in hf and hf["columns"] is None:
-        raise check.fail(
-            f"{prefix}.prompt_suffix", "applies to question/answer columns (hf, columns, preset)"
+    if entry.given("prompt_suffix") and plain_json and hf is None and entry.columns is None:
+        raise SchemaError(
+            f"{where}.prompt_suffix: applies to question/answer columns (hf, columns, preset)"
         )
+    folder = entry.image_folder
     return DatasetSpec(
-        name=check.string(
-            entry.get("name", entry.get("hf") or named["train"] or named["test"]), f"{prefix}.name"
-        ),
-        domain=domain,
+        name=entry.display_name(),
+        domain=entry.domain,
         train=files["train"],
         test=files["test"],
-        image_folder=folder,
-        take=check.take(entry.get("take", "all"), f"{prefix}.take"),
-        select=check.choice(entry.get("select", "first"), f"{prefix}.select", SELECT_MODES),
-        repeat=check.positive_int(entry.get("repeat", 1), f"{prefix}.repeat"),
-        test_take=check.take(entry.get("test_take", "all"), f"{prefix}.test_take"),
-        metric=check.choice(
-            entry.get("metric", default_metric), f"{prefix}.metric", tuple(ALL_METRICS)
-        ),
-        **hf,
+        image_folder=None if folder is None else _resolve(base, folder),
+        take=entry.take,
+        select=entry.select,
+        repeat=entry.repeat,
+        test_take=entry.test_take,
+        metric=entry.metric_name(),
+        hf=hf,
+        hf_config=entry.hf_config,
+        train_split=named["train"] if hf is not None else None,
+        test_split=named["test"] if hf is not None else None,
+        columns=entry.column_mapping(),
+        preset=entry.preset,
+        prompt_suffix=entry.question_suffix(),
     )
 
 
 def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
     """Reads and validates a mixture YAML file (schema only; data files are opened later).
+
+    The keys, their types, ranges and defaults are `llava_mole.data.mixture_schema`'s.
+    Relative paths are taken relative to the YAML's folder.
 
     Args:
         path: The YAML file.
@@ -322,130 +213,23 @@ def load_mixture(path: str | os.PathLike[str]) -> MixtureConfig:
         The validated configuration.
 
     Raises:
-        DataConfigError: With a one-line message naming the file and the offending key.
+        DataConfigError: With a one-line message naming the file and the offending key
+            (``mix.yaml: datasets[1].take: expected 'all', ... (got -3)``).
     """
     path = Path(path)
-    check = _Checker(path)
+    data = read_mixture_yaml(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError):
-        missing = f"mixture file not found: {path}"
-        raise DataConfigError(not_found_or(path, "file", missing)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataConfigError(f"cannot read mixture file {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise DataConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise DataConfigError(f"{path}: expected a mapping with a 'datasets' list at top level")
-    check.unknown_keys(data, _TOP_KEYS, "")
-
-    cfg = MixtureConfig(path=path, datasets=[])
-    if "seed" in data:
-        if not _is_int(data["seed"]):
-            raise check.fail("seed", f"expected an int, got {data['seed']!r}")
-        cfg.seed = int(data["seed"])
-    if "template" in data:
-        cfg.template = check.choice(data["template"], "template", TEMPLATES)
-    if "system" in data:
-        if not isinstance(data["system"], str):
-            raise check.fail("system", f"expected a string ('' for none), got {data['system']!r}")
-        if cfg.template != "vicuna_v1":
-            raise check.fail("system", "only the vicuna_v1 template takes a system prompt")
-        cfg.system = data["system"]
-    if "max_length" in data:
-        cfg.max_length = check.positive_int(data["max_length"], "max_length")
-    if "image_mode" in data:
-        cfg.image_mode = check.choice(data["image_mode"], "image_mode", IMAGE_MODES)
-    if "strict" in data:
-        if not isinstance(data["strict"], bool):
-            raise check.fail("strict", f"expected true or false, got {data['strict']!r}")
-        cfg.strict = data["strict"]
-
-    datasets = data.get("datasets")
-    if not isinstance(datasets, list) or not datasets:
-        raise check.fail("datasets", f"expected a non-empty list, got {datasets!r:.80}")
-    base = path.parent
-    metric_of: dict[str, str] = {}
-    for i, entry in enumerate(datasets):
-        spec = _dataset_spec(check, base, f"datasets[{i}]", entry)
-        if metric_of.setdefault(spec.domain, spec.metric) != spec.metric:
-            raise check.fail(
-                f"datasets[{i}].metric",
-                f"domain {spec.domain!r} already uses metric {metric_of[spec.domain]!r}, "
-                f"got {spec.metric!r}",
-            )
-        cfg.datasets.append(spec)
-    return cfg
+        raw = schema.validate(MixtureFile, data)
+        check_rules(raw)
+        datasets = [_spec(e, path.parent, f"datasets[{i}]") for i, e in enumerate(raw.datasets)]
+    except SchemaError as err:
+        raise DataConfigError(f"{path}: {err}") from None
+    settings = {name: getattr(raw, name) for name in SETTINGS}
+    return MixtureConfig(path=path, datasets=datasets, **settings)
 
 
 def _mixture(mixture: str | os.PathLike[str] | MixtureConfig) -> MixtureConfig:
     return mixture if isinstance(mixture, MixtureConfig) else load_mixture(mixture)
-
-
-def _load_hf_entry(
-    where: str,
-    spec: DatasetSpec,
-    source: HFSource,
-    *,
-    check_image: Any,
-    report: LoadReport,
-    allow_outside_images: bool,
-    lazy: bool,
-) -> list[Sample] | HFRows:
-    """The valid samples of one Hugging Face split (`HFRows` if `lazy`, else a list); config
-    errors are prefixed with `where`."""
-    folder = spec.image_folder
-    local = Path(source.location)
-    if folder is None and local.exists():
-        folder = local if local.is_dir() else local.parent
-    try:
-        ds = open_hf_split(source)
-        candidates = PRESETS[spec.preset].columns if spec.preset else None
-        roles = resolve_columns(ds.column_names, spec.columns, source.name, candidates)
-        return (scan_hf_rows if lazy else load_hf_samples)(
-            ds,
-            roles,
-            name=source.name,
-            domain=spec.domain,
-            report=report,
-            image_root=folder,
-            allow_outside_images=allow_outside_images,
-            check_image=check_image,
-            prompt_suffix=spec.prompt_suffix,
-        )
-    except DataConfigError as e:
-        raise DataConfigError(f"{where}: {e}") from None
-
-
-def _check_paths(cfg: MixtureConfig, i: int, split: str, source: Path | HFSource) -> None:
-    """One line naming the key when a split file or the image folder is missing."""
-    if isinstance(source, Path) and path_problem(source, "file"):
-        missing = f"file not found: {source}"
-        raise DataConfigError(
-            f"{cfg.path}: datasets[{i}].{split}: {not_found_or(source, 'file', missing)}"
-        )
-    folder = cfg.datasets[i].image_folder
-    if folder is not None and path_problem(folder, "folder"):
-        missing = f"folder not found: {folder}"
-        raise DataConfigError(
-            f"{cfg.path}: datasets[{i}].image_folder: {not_found_or(folder, 'folder', missing)}"
-        )
-
-
-def _entry_samples(
-    cfg: MixtureConfig, i: int, split: str, source: Path | HFSource, lazy: bool, **kw: Any
-) -> list[Sample] | HFRows:
-    """The valid samples of entry `i`: a list (JSON, or datasets read eagerly) or `HFRows`."""
-    spec = cfg.datasets[i]
-    if isinstance(source, HFSource):
-        where = f"{cfg.path}: datasets[{i}].{split}"
-        return _load_hf_entry(where, spec, source, lazy=lazy, **kw)
-    return load_llava_file(source, spec.image_folder, domain=spec.domain, **kw)
 
 
 def load_split(
@@ -506,8 +290,8 @@ def load_split(
         source = spec.source(split)
         if source is None:
             continue
-        _check_paths(cfg, i, split, source)
-        valid = _entry_samples(
+        check_paths(cfg, i, split, source)
+        valid = entry_samples(
             cfg,
             i,
             split,
