@@ -287,3 +287,19 @@ def test_loss_limits_ignore_the_first_logged_losses_and_outliers():
     assert loss_limits([]) is None
     flat = loss_limits([[[1, 2.0], [2, 2.0], [3, 2.0]]])
     assert flat is not None and flat[0] < 2.0 < flat[1]
+
+
+def test_rules_prose_is_generated_from_the_rules():
+    from llava_mole.study.rules import RULES, rules_prose
+    from llava_mole.study.settings import REGISTRY
+
+    prose = rules_prose(0.9, 500)
+    assert "90% paired-bootstrap percentile interval (500 replicates" in prose[0]
+    by_title = {r.title: text for r in RULES for text in prose if f"**{r.title}.**" in text}
+    assert len(by_title) == len(RULES)
+    for rule in RULES:
+        for outcome in rule.outcomes:
+            assert f"*{outcome.label}*" in by_title[rule.title], (rule.name, outcome.label)
+    assert all(f"`{s.name}` = {s.summary}" in " ".join(prose) for s in REGISTRY)
+    conflict = by_title["Conflict"]
+    assert "`single − mix_lora`" in conflict and "*conflict* if it is *above*" in conflict

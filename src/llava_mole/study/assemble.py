@@ -29,7 +29,7 @@ from .results import (
     Uncertainty,
 )
 from .routing import routing_summary
-from .rules import CONTRASTS
+from .rules import CONTRASTS, classify
 from .settings import by_role
 from .stats import (
     bootstrap_means,
@@ -195,7 +195,11 @@ def _difference(
 
 
 def _recovered_ci(col: str, reps: Replicates, conf: float) -> tuple[float, float] | None:
-    """Interval of ``mole_gain / drop`` over the replicates with a positive drop (>= half)."""
+    """Interval of ``mole_gain / drop`` over the replicates with a positive drop.
+
+    Only computed where the drop itself is shown (*above*, :func:`.rules.classify`): a ratio
+    whose denominator may be zero has no useful interval.
+    """
     single, mixed, method = (by_role(r).name for r in ("single", "mixed", "method"))
     try:
         drop = reps[single][col] - reps[mixed][col]
@@ -230,7 +234,11 @@ def derive(
         out[col] = DerivedColumn(
             contrasts=contrasts,
             recovered=recovered,
-            recovered_ci=_recovered_ci(col, reps, confidence) if recovered is not None else None,
+            recovered_ci=(
+                _recovered_ci(col, reps, confidence)
+                if recovered is not None and drop is not None and classify(drop) == "above"
+                else None
+            ),
             extra_vs_mix_lora={
                 e: _difference(e, mixed, col, scores, reps, confidence)
                 for e in extras

@@ -57,7 +57,7 @@ def _derived_table(results: StudyResults) -> str:
     c = CONTRAST
     header = (
         f"| | drop = {c['drop'].formula} | MoLE gain = {c['mole_gain'].formula} | recovered "
-        f"| {c['x2_vs_single'].formula} | {c['rank_kr_vs_mole'].formula} |"
+        f"| {c['x2_vs_single'].formula} | rank-K·r − {by_role('method').name} |"
     )
     lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for col in results.columns:
@@ -284,7 +284,7 @@ def render_report(results: StudyResults) -> str:
     lines += [
         "## Drop and recovery",
         "",
-        "Differences of means ± combined seed spread `sqrt(std_a² + std_b²)`.",
+        "Differences of means ± combined spread `sqrt(std_a² + std_b²)`.",
         "",
         _derived_table(results),
         "",

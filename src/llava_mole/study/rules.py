@@ -78,10 +78,11 @@ class Condition:
         """Whether it holds for the labels decided so far."""
         return (outcomes.get(self.rule) in self.labels) != self.negate
 
-    def prose(self) -> str:
-        """``conflict is conflict`` / ``undertraining is not closes_gap``."""
-        verb = "is not" if self.negate else "is"
-        return f"*{self.rule}* {verb} {' or '.join(self.labels)}"
+    def prose(self, titles: dict[str, str]) -> str:
+        """``the Conflict rule gave *conflict*`` / ``... did not give *closes_gap*``."""
+        verb = "did not give" if self.negate else "gave"
+        labels = " or ".join(f"*{label}*" for label in self.labels)
+        return f"the {titles.get(self.rule, self.rule)} rule {verb} {labels}"
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ RULES: tuple[Rule, ...] = (
             ),
         ),
         "{single} or {mixed} not run: no conflict test",
+        note="*conflict*: mixing the domains costs this domain accuracy.",
     ),
     Rule(
         "undertraining",
@@ -159,6 +161,7 @@ RULES: tuple[Rule, ...] = (
         "{steps} not run: undertraining untested",
         requires=_CONFLICT,
         not_applicable="no conflict to explain",
+        note="*closes_gap*: the gap looks like undertraining, not conflict.",
     ),
     Rule(
         "mole",
@@ -184,8 +187,8 @@ RULES: tuple[Rule, ...] = (
             Outcome("within_spread", ("within",), "MoLE vs {mixed} {sdiff}: " + _WITHIN),
         ),
         "{method} or {mixed} not run",
-        note="`recovered = (mix_mole − mix_lora) / (single − mix_lora)`, with its interval "
-        "from the replicates whose drop is positive.",
+        note="`recovered = ({method} − {mixed}) / ({single} − {mixed})`; where the drop is "
+        "*above*, its interval is the percentile interval of the replicates' ratios.",
     ),
     Rule(
         "mole_vs_2x",
@@ -219,6 +222,8 @@ RULES: tuple[Rule, ...] = (
         "{params} or {method} not run",
         requires=(Condition("mole", ("mitigates", "improves")),),
         not_applicable="no MoLE gain to explain",
+        note="*explained_by_parameters*: a plain LoRA with MoLE's MLP parameter count does as "
+        "well, so routing is not needed for the gain.",
     ),
 )
 
@@ -254,13 +259,17 @@ _SIGNS = {
 
 def _rule_prose(rule: Rule, names: dict[str, str]) -> str:
     contrast = CONTRAST[rule.contrast]
+    titles = {r.name: r.title for r in RULES}
     parts = []
     for outcome in rule.outcomes:
-        when = "".join(f" and {c.prose()}" for c in outcome.when)
+        when = "".join(f" and {c.prose(titles)}" for c in outcome.when)
         parts.append(f"*{outcome.label}* if {_SIGNS[outcome.signs]}{when}")
-    text = f"**{rule.title}.** On each domain, `{contrast.formula}`: " + "; else ".join(parts)
+    text = (
+        f"**{rule.title}.** Per column (domain or macro), `{contrast.formula}`: "
+        + "; else ".join(parts)
+    )
     if rule.requires:
-        needs = " and ".join(c.prose() for c in rule.requires)
+        needs = " and ".join(c.prose(titles) for c in rule.requires)
         text += f". Judged only where {needs} (else *not_applicable*)"
     text += "." + (f" {rule.note}" if rule.note else "")
     return text.format(**names) if "{" in text else text
