@@ -36,7 +36,7 @@ def _examples(text: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .study.demo import run_demo
+    from .toy.demo import run_demo
 
     run_demo(out=args.out, seeds=args.seeds, quick=args.quick, workers=args.workers)
     return 0

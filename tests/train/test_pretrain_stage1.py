@@ -29,6 +29,7 @@ FAST = ["train.report_to=[none]", "train.logging_steps=1", "train.per_device_bat
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random LLaVA, a world with captions, and a 20-step stage-1 run on them."""
     from llava_mole.models.tiny import make_tiny
+
     from llava_mole.toy.worlds import make_world
 
     root = tmp_path_factory.mktemp("stage1")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from .results import StudyResults
+    from ..study.results import StudyResults
 
 # The demo's world and budget (measured on a 2-core CPU; see README "Demo").
 # 24 classes per domain and one code-question wording per domain (the question names what the
@@ -105,9 +105,9 @@ def run_demo(
     Returns:
         The study results (``to_json()`` is what ``results.json`` holds).
     """
-    from ..toy.synthetic import make_data
-    from ..toy.tiny import make_tiny
-    from .compare import run_study
+    from ..study.compare import run_study
+    from .synthetic import make_data
+    from .tiny import make_tiny
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1 (got {seeds})")
