@@ -113,13 +113,7 @@ class InputBuilder:
             )
         rgb = None if part is None else self._image(part)
         size = None if rgb is None else rgb.size
-        with self._lock:
-            try:
-                prompt = build_prompt_for_generation(
-                    turns, self.processor, self.template, system, image_size=size
-                )
-            except (EncodeError, ValueError) as err:
-                raise APIError(400, f"messages: {err}", param="messages") from None
+        prompt = self._prompt(turns, system, size)
         if self.context_length is not None and len(prompt) >= self.context_length:
             raise APIError(
                 400,
@@ -130,6 +124,28 @@ class InputBuilder:
             )
         image = rgb if rgb is None or self.processor_built else self._pixels(rgb)
         return Prepared(prompt, image, "\n".join(text for _, text in turns))
+
+    def _prompt(
+        self, turns: list[tuple[str, str]], system: str | None, size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The prompt ids; for processor-built families the image block comes from `size`."""
+        with self._lock:
+            try:
+                return build_prompt_for_generation(
+                    turns, self.processor, self.template, system, image_size=size
+                )
+            except EncodeError as err:
+                raise APIError(400, f"messages: {err}", param="messages") from None
+            except ValueError as err:
+                if size is None or not self.processor_built:
+                    raise APIError(400, f"messages: {err}", param="messages") from None
+                raise APIError(  # the processor refused the image (e.g. its aspect ratio)
+                    400,
+                    f"image_url: this model's processor cannot use a {size[0]}x{size[1]} image "
+                    f"({err})",
+                    param="messages",
+                    code="invalid_image",
+                ) from None
 
     # ---- messages ----------------------------------------------------------------------------
     def _turns(self, messages: list[Message]) -> tuple[list[tuple[str, str]], str | None, Any]:
