@@ -176,8 +176,11 @@ def _servers(serve_world) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _boot_servers_early(_servers) -> None:
-    """Every serve test asks for the servers, so they boot during the first (in-process) tests."""
+def _boot_servers_early(request) -> None:
+    """Every serve test asks for the servers, so they boot during the first (in-process) tests;
+    a module with ``OWN_SERVERS = True`` (the family matrix) starts its own instead."""
+    if not getattr(request.module, "OWN_SERVERS", False):
+        request.getfixturevalue("_servers")
 
 
 @pytest.fixture

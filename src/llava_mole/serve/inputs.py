@@ -1,4 +1,4 @@
-"""From a chat request to model inputs: prompt ids (the training template) and pixel values.
+"""From a chat request to model inputs: prompt ids (the training template) and the image.
 
 Images come as ``image_url`` parts: base64 ``data:`` URLs, or local files (``file://`` URLs or
 absolute paths) that lie inside the folder allowed at start (``--allowed-image-dir``); remote
@@ -6,6 +6,13 @@ URLs are refused (the server is offline). Every image goes through the training 
 (:func:`llava_mole.data.images.load_image`: size guard before decoding, EXIF orientation, RGB),
 so the server sees the same pixels as ``predict``; the prompt is built by
 :func:`llava_mole.data.templates.build_prompt_for_generation`, as in ``predict``.
+
+What a request's image becomes depends on the family, as in ``predict``: LLaVA-1.5 gets its
+``(3, H, W)`` pixel values here (``image_mode``); every family whose processor builds the image
+inputs (``llava_mole.data.image_inputs``: LLaVA-NeXT, Qwen-VL, Gemma 3, Idefics3, Mllama, ...)
+gets the image block in the prompt from the image's size, and the RGB image itself goes to
+``generate_batch``, which builds and batches that family's inputs. A text-only model refuses
+images before they are decoded.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import torch
+from PIL import Image
 
 from llava_mole.data.formats import ASSISTANT, IMAGE_PLACEHOLDER, IMAGE_TOO_LARGE, USER
+from llava_mole.data.image_inputs import image_inputs_for
 from llava_mole.data.images import ImageLoadError, load_image, pixel_values
 from llava_mole.data.templates import EncodeError, build_prompt_for_generation
 
@@ -37,12 +46,13 @@ class Prepared:
 
     Attributes:
         prompt: Prompt ids, image tokens expanded, ending with the assistant prefix.
-        image: Pixel values ``(3, H, W)``, or None (text only).
+        image: Pixel values ``(3, H, W)`` (LLaVA-1.5), the RGB image (families whose processor
+            builds the image inputs), or None (text only).
         text: The conversation text (without images).
     """
 
     prompt: torch.Tensor
-    image: torch.Tensor | None
+    image: torch.Tensor | Image.Image | None
     text: str
 
 
@@ -77,6 +87,10 @@ class InputBuilder:
         self.max_image_pixels = max_image_pixels
         self.allowed = None if allowed_image_dir is None else Path(allowed_image_dir).resolve()
         self.context_length = context_length
+        self.processor_built = image_inputs_for(processor) is not None
+        self.takes_images = self.processor_built or (
+            getattr(processor, "image_processor", None) is not None
+        )
         # Hugging Face tokenizers must not be reconfigured while another thread encodes; one
         # prompt built now also settles the tokenizer's state and checks the template.
         self._lock = threading.Lock()
@@ -89,13 +103,17 @@ class InputBuilder:
             APIError: 400 (bad messages or image, prompt longer than the context), 403 (a
                 file outside the allowed folder).
         """
-        turns, system, image = self._turns(request.messages)
-        pixels = None if image is None else self._pixels(self._image(image))
-        with self._lock:
-            try:
-                prompt = build_prompt_for_generation(turns, self.processor, self.template, system)
-            except (EncodeError, ValueError) as err:
-                raise APIError(400, f"messages: {err}", param="messages") from None
+        turns, system, part = self._turns(request.messages)
+        if part is not None and not self.takes_images:
+            raise APIError(
+                400,
+                "messages: this model is text-only and takes no images",
+                param="messages",
+                code="images_not_supported",
+            )
+        rgb = None if part is None else self._image(part)
+        size = None if rgb is None else rgb.size
+        prompt = self._prompt(turns, system, size)
         if self.context_length is not None and len(prompt) >= self.context_length:
             raise APIError(
                 400,
@@ -104,7 +122,30 @@ class InputBuilder:
                 param="messages",
                 code="context_length_exceeded",
             )
-        return Prepared(prompt, pixels, "\n".join(text for _, text in turns))
+        image = rgb if rgb is None or self.processor_built else self._pixels(rgb)
+        return Prepared(prompt, image, "\n".join(text for _, text in turns))
+
+    def _prompt(
+        self, turns: list[tuple[str, str]], system: str | None, size: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """The prompt ids; for processor-built families the image block comes from `size`."""
+        with self._lock:
+            try:
+                return build_prompt_for_generation(
+                    turns, self.processor, self.template, system, image_size=size
+                )
+            except EncodeError as err:
+                raise APIError(400, f"messages: {err}", param="messages") from None
+            except ValueError as err:
+                if size is None or not self.processor_built:
+                    raise APIError(400, f"messages: {err}", param="messages") from None
+                raise APIError(  # the processor refused the image (e.g. its aspect ratio)
+                    400,
+                    f"image_url: this model's processor cannot use a {size[0]}x{size[1]} image "
+                    f"({err})",
+                    param="messages",
+                    code="invalid_image",
+                ) from None
 
     # ---- messages ----------------------------------------------------------------------------
     def _turns(self, messages: list[Message]) -> tuple[list[tuple[str, str]], str | None, Any]:
@@ -133,7 +174,13 @@ class InputBuilder:
                 400, "messages: the last message must be a user message", param="messages"
             )
         if len(images) > 1:
-            raise APIError(400, "messages: at most one image per request", param="messages")
+            raise APIError(
+                400,
+                f"messages: {len(images)} images were sent; this server takes at most one image "
+                "per request",
+                param="messages",
+                code="too_many_images",
+            )
         system = "\n".join(system_texts) if system_texts else self.system
         return turns, system, images[0] if images else None
 
@@ -163,7 +210,7 @@ class InputBuilder:
         return "\n".join(pieces)
 
     # ---- images ------------------------------------------------------------------------------
-    def _image(self, part: ImagePart) -> Any:
+    def _image(self, part: ImagePart) -> Image.Image:
         """The RGB image of an ``image_url`` part."""
         url = part.image_url.url.strip()
         if url.startswith("data:"):
@@ -184,7 +231,7 @@ class InputBuilder:
             400, "image_url: expected a data: URL or a local file path", param="messages"
         )
 
-    def _data_url(self, url: str) -> Any:
+    def _data_url(self, url: str) -> Image.Image:
         header, sep, data = url.partition(",")
         if not sep or not header.endswith(";base64"):
             raise APIError(
@@ -203,7 +250,7 @@ class InputBuilder:
             path.write_bytes(raw)
             return self._load(path, "the data URL")
 
-    def _local_file(self, path: Path) -> Any:
+    def _local_file(self, path: Path) -> Image.Image:
         if self.allowed is None:
             raise APIError(
                 403,
@@ -225,7 +272,7 @@ class InputBuilder:
             raise APIError(400, f"image_url: no such image file: {path}", param="messages")
         return self._load(resolved, str(path))
 
-    def _load(self, path: Path, name: str) -> Any:
+    def _load(self, path: Path, name: str) -> Image.Image:
         try:
             return load_image(path, max_pixels=self.max_image_pixels)
         except ImageLoadError as err:
@@ -244,8 +291,6 @@ class InputBuilder:
                 code="invalid_image",
             ) from None
 
-    def _pixels(self, image: Any) -> torch.Tensor:
-        image_processor = getattr(self.processor, "image_processor", None)
-        if image_processor is None:
-            raise APIError(400, "messages: this model takes no images", param="messages")
-        return pixel_values([image], image_processor, self.image_mode)[0]
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """LLaVA-1.5's pixel values of one RGB image."""
+        return pixel_values([image], self.processor.image_processor, self.image_mode)[0]
