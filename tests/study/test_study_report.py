@@ -303,3 +303,41 @@ def test_rules_prose_is_generated_from_the_rules():
     assert all(f"`{s.name}` = {s.summary}" in " ".join(prose) for s in REGISTRY)
     conflict = by_title["Conflict"]
     assert "`single − mix_lora`" in conflict and "*conflict* if it is *above*" in conflict
+
+
+def test_runs_trained_to_convergence_and_silent_failures_reach_the_report():
+    from llava_mole.study.config import StudyConfig
+    from llava_mole.study.stats import dev_convergence_flag
+
+    domains = ["general", "document", "biomedical"]
+    records = _fake_records(domains, [0, 1])
+    mole = [r for r in records if r["setting"] == "mix_mole"]
+    # One MoLE run stopped early on its dev split, the other used its whole budget.
+    mole[0]["summary"]["convergence"] = {
+        "best_step": 12, "best_dev_score": 0.81, "converged_at": 16,
+        "dev_curve": [[4, 0.5], [8, 0.7], [12, 0.81], [16, 0.8]], "rule": {"patience": 1},
+    }  # fmt: skip
+    mole[1]["summary"]["convergence"] = {
+        "best_step": 20, "best_dev_score": 0.9, "converged_at": None,
+        "dev_curve": [[10, 0.8], [20, 0.9]], "rule": {"patience": 3},
+    }  # fmt: skip
+    mole[1]["eval"]["warnings"] = ["answer collapse on document: 91% of 4 predictions are 'a b'"]
+    study = StudyConfig(
+        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1]
+    )
+    results = build_results(study, [RunOutput(**r) for r in records])
+    flags = {r.id: r.convergence for r in results.runs if r.setting == "mix_mole"}
+    assert [(f.rule, f.converged, f.best_step, f.stopped_at) for f in flags.values()] == [
+        ("dev", True, 12, 16),
+        ("dev", False, 20, None),
+    ]
+    assert mole[1]["id"] in results.still_improving and mole[0]["id"] not in results.still_improving
+    report = render_report(results)
+    assert f"- `{mole[0]['id']}`: converged at step 16 (best dev score 0.810 at step 12)" in report
+    assert (
+        f"- `{mole[1]['id']}`: used its budget of 20 steps, best dev score 0.900 at step 20"
+        in report
+    )
+    assert "## Silent failures" in report
+    assert f"- `{mole[1]['id']}`: answer collapse on document: 91% of 4 predictions" in report
+    assert dev_convergence_flag({"dev_curve": [], "converged_at": None}).points == 0

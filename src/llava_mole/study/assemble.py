@@ -34,6 +34,7 @@ from .settings import by_role
 from .stats import (
     bootstrap_means,
     convergence_flag,
+    dev_convergence_flag,
     keyed_rng,
     percentile_interval,
     resampling_weights,
@@ -69,13 +70,18 @@ def run_result(record: RunOutput, domains: Sequence[str], tail: float, tol: floa
         batch_size=record.batch_size,
         loss_curve=curve,
         final_loss=curve[-1][1] if curve else summary.get("final", {}).get("loss"),
-        convergence=convergence_flag(curve, tail, tol),
+        convergence=(
+            dev_convergence_flag(summary["convergence"])
+            if summary.get("convergence")
+            else convergence_flag(curve, tail, tol)
+        ),
         wall_time_s=summary.get("wall_time_s"),
         tokens_per_s=summary.get("tokens_per_s"),
         trainable_parameters=summary.get("trainable_parameters"),
         scores={d: per_domain[d]["score"] for d in domains if d in per_domain},
         eval_n={d: per_domain[d]["n"] for d in domains if d in per_domain},
         eval_wall_time_s=ev.get("wall_time_s"),
+        warnings=list(summary.get("router_warnings") or []) + list(ev.get("warnings") or []),
     )
 
 

@@ -257,13 +257,34 @@ def _convergence_lines(results: StudyResults) -> list[str]:
         "window before.",
         "",
     ]
+    dev = [r for r in results.runs if r.convergence.rule == "dev"]
+    if dev:
+        lines[4:4] = [
+            "Runs trained to convergence (`train.dev_per_domain`) are judged by their dev split "
+            "instead: converged when early stopping ended them, still improving when they used "
+            "their whole budget; their final weights are those of the best dev score.",
+            "",
+        ]
     still = [r for r in results.runs if r.converged is False]
     for run in still:
         c = run.convergence
+        if c.rule == "dev":
+            lines.append(
+                f"- `{run.id}`: used its budget of {run.max_steps} steps, best dev "
+                f"score {c.tail_mean:.3f} at step {c.best_step}"
+            )
+            continue
         lines.append(
             f"- `{run.id}`: last-window loss {c.tail_mean:.4f}, "
             f"{100 * c.relative_drop:.1f}% below the window before"
         )
+    for run in dev:
+        if run.converged:
+            c = run.convergence
+            lines.append(
+                f"- `{run.id}`: converged at step {c.stopped_at} (best dev score "
+                f"{c.tail_mean:.3f} at step {c.best_step})"
+            )
     if not still:
         lines.append("- no judged run was still improving at the end.")
     if results.not_judged:
@@ -273,6 +294,15 @@ def _convergence_lines(results: StudyResults) -> list[str]:
     if "loss_curves.png" in results.plots.values():
         lines += ["", "![loss curves](loss_curves.png)"]
     return lines
+
+
+def _warning_lines(results: StudyResults) -> list[str]:
+    """Silent failures found in the runs (answer collapse, dead experts, router collapse)."""
+    found = [(r.id, w) for r in results.runs for w in r.warnings]
+    lines = ["## Silent failures", ""]
+    if not found:
+        return lines + ["- none found (answer collapse, dead or monopolising experts)."]
+    return lines + [f"- `{run}`: {warning}" for run, warning in found]
 
 
 def render_report(results: StudyResults) -> str:
@@ -292,5 +322,6 @@ def render_report(results: StudyResults) -> str:
         "",
     ]
     lines += _verdict_lines(results) + [""] + _convergence_lines(results)
+    lines += [""] + _warning_lines(results)
     lines += [""] + _routing_section(results)
     return "\n".join(lines).rstrip() + "\n"

@@ -154,6 +154,7 @@ class RunResult:
     scores: dict[str, float]
     eval_n: dict[str, int]
     eval_wall_time_s: float | None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def converged(self) -> bool | None:

@@ -43,6 +43,7 @@ __all__ = [
     "ScoreSummary",
     "bootstrap_means",
     "convergence_flag",
+    "dev_convergence_flag",
     "keyed_rng",
     "percentile_interval",
     "resampling_weights",
@@ -114,6 +115,10 @@ class ConvergenceFlag:
         tail_mean: mean loss of the last window.
         previous_mean: mean loss of the window before it.
         relative_drop: ``(previous_mean - tail_mean) / |previous_mean|``.
+        rule: ``loss`` (the loss-window rule) or ``dev`` (the run trained to convergence on its
+            dev split: :func:`dev_convergence_flag`).
+        best_step: with ``dev``, the step of the best dev score (the weights kept).
+        stopped_at: with ``dev``, the step early stopping ended the run (None: the budget did).
     """
 
     converged: bool | None
@@ -122,6 +127,9 @@ class ConvergenceFlag:
     tail_mean: float | None = None
     previous_mean: float | None = None
     relative_drop: float | None = None
+    rule: str = "loss"
+    best_step: int | None = None
+    stopped_at: int | None = None
 
     def to_json(self) -> dict[str, object]:
         """The fields as a mapping."""
@@ -153,6 +161,23 @@ def convergence_flag(
     previous = statistics.fmean(losses[-2 * window : -window])
     drop = (previous - last) / abs(previous) if previous != 0 else 0.0
     return ConvergenceFlag(drop <= tolerance, len(losses), window, last, previous, drop)
+
+
+def dev_convergence_flag(convergence: dict) -> ConvergenceFlag:
+    """The flag of a run trained to convergence (``summary.json["convergence"]``, see
+    :mod:`llava_mole.train.convergence`): converged when early stopping ended it, still
+    improving when it used its whole budget."""
+    curve = convergence.get("dev_curve") or []
+    stopped = convergence.get("converged_at")
+    return ConvergenceFlag(
+        converged=stopped is not None,
+        points=len(curve),
+        window=int(convergence.get("rule", {}).get("patience", 0)),
+        tail_mean=float(convergence["best_dev_score"]) if curve else None,
+        rule="dev",
+        best_step=convergence.get("best_step"),
+        stopped_at=stopped,
+    )
 
 
 # ---- bootstrap ------------------------------------------------------------------------------
