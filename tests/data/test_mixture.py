@@ -158,7 +158,7 @@ ERRORS = [
     ("datasets: [{domain: a, train: a.json}]\nseed: '1'", "seed: expected an integer (got '1')"),
     (
         "datasets: [{domain: a, train: a.json}]\ntemplate: llama",
-        "template: must be one of 'vicuna_v1' or 'chat_template' (got 'llama')",
+        "template: must be one of 'vicuna_v1', 'chat_template' or 'plain' (got 'llama')",
     ),
     (
         "datasets: [{domain: a, train: a.json}]\nsystem: 3",

@@ -28,8 +28,7 @@ FAST = ["train.report_to=[none]", "train.logging_steps=1", "train.per_device_bat
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny random LLaVA, a world with captions, and a 20-step stage-1 run on them."""
-    from llava_mole.models.tiny import make_tiny
-
+    from llava_mole.toy.tiny import make_tiny
     from llava_mole.toy.worlds import make_world
 
     root = tmp_path_factory.mktemp("stage1")
@@ -143,7 +142,7 @@ def test_train_lora_or_full_also_trains_the_language_model_not_the_vision_tower(
 
 
 def test_plain_template_is_image_then_caption() -> None:
-    from llava_mole.models.tiny import build_processor, build_tokenizer
+    from llava_mole.toy.tiny import build_processor, build_tokenizer
 
     processor = build_processor(build_tokenizer())
     encoder = ConversationEncoder(processor, "plain")
