@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end; `-m 'not slow'` leaves it out
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mole.py"
 TOL = 1e-5  # float32 against float64
 

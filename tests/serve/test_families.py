@@ -27,6 +27,8 @@ from tests.tiny_models import randomize_adapter
 
 from .conftest import Server, data_url, http, png_bytes
 
+pytestmark = pytest.mark.slow  # end to end; `-m 'not slow'` leaves it out
+
 OWN_SERVERS = True  # the LLaVA servers of conftest are not needed here
 FAMILIES = {
     "qwen2_vl": "mole",  # image_grid_thw, mm_token_type_ids (M-RoPE)

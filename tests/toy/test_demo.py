@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from llava_mole.cli import main
+
+pytestmark = pytest.mark.slow  # end to end; `-m 'not slow'` leaves it out
 
 
 def test_quick_demo_writes_a_complete_report(tmp_path, capsys):

@@ -12,6 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava_mole.toy import pretrain, tiny
 
+pytestmark = pytest.mark.slow  # end to end; `-m 'not slow'` leaves it out
+
 STEPS = 30
 
 

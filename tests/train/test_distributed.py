@@ -35,6 +35,8 @@ from llava_mole.train.config import load_train_config
 from llava_mole.train.run import train
 from tests.train.test_train import base_overrides, logged_losses
 
+pytestmark = pytest.mark.slow  # end to end; `-m 'not slow'` leaves it out
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 STEPS = 4

@@ -28,6 +28,7 @@ def _cli_args(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tiny_world, tmp_path):
     steps = [
         "train.max_steps=40",
