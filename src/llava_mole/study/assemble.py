@@ -301,7 +301,7 @@ def _setup(
         eval={
             "split": study.eval.split,
             "limit": study.eval.limit,
-            "max_new_tokens": study.eval.max_new_tokens,
+            "max_new_tokens": study.eval.max_new_tokens or _eval_default("max_new_tokens"),
         },
         convergence={"tail": study.convergence.tail, "tolerance": study.convergence.tolerance},
         settings=per_setting,
@@ -356,3 +356,10 @@ def build_results(study: StudyConfig, records: Sequence[RunOutput]) -> StudyResu
     )
     results.table = render_table(results)
     return results
+
+
+def _eval_default(name: str) -> object:
+    """The evaluation's own default of `name` (imported here: the report side stays light)."""
+    from ..eval.settings import EVAL_DEFAULTS
+
+    return getattr(EVAL_DEFAULTS, name)

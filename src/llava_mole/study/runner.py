@@ -121,17 +121,17 @@ def _execute(job: _Job) -> dict[str, Any]:
 def _evaluate(job: _Job) -> None:
     """Evaluate the run's adapter (with routing statistics) and write its per-item scores."""
     spec = job.spec
+    given = {"batch_size": job.eval.batch_size, "max_new_tokens": job.eval.max_new_tokens}
     evaluate(
         job.model,
         spec.run_dir,
         mixture=spec.eval_mixture,
         split=job.eval.split,
         out=spec.run_dir / EVAL,
-        batch_size=job.eval.batch_size,
-        max_new_tokens=job.eval.max_new_tokens,
         limit=job.eval.limit,
         routing=True,
         progress=job.progress,
+        **{k: v for k, v in given.items() if v is not None},  # else the eval's defaults
     )
     write_item_scores(spec.run_dir, spec.eval_mixture)
 

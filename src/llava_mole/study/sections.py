@@ -40,6 +40,9 @@ def _setting_name(name: str) -> str:
 class EvalSection:
     """How every run is evaluated.
 
+    ``null`` (the default of every key but ``split``) takes the evaluation's own default,
+    ``llava_mole.eval.settings.EVAL_DEFAULTS``: one place for them.
+
     Args:
         split: mixture split to evaluate on (``test`` or ``train``).
         batch_size: samples per generation batch.
@@ -48,8 +51,8 @@ class EvalSection:
     """
 
     split: Literal["test", "train"] = "test"
-    batch_size: Annotated[schema.Int, schema.at_least(1)] = 32
-    max_new_tokens: Annotated[schema.Int, schema.at_least(1)] = 8
+    batch_size: Annotated[schema.Int | None, schema.at_least(1)] = None
+    max_new_tokens: Annotated[schema.Int | None, schema.at_least(1)] = None
     limit: Annotated[schema.Int | None, schema.at_least(1)] = None
 
 
