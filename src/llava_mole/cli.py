@@ -266,7 +266,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .study.compare import run_study
 
-    run_study(args.study, args.out)
+    if not args.plan:
+        run_study(args.study, args.out)
+        return 0
+    from pathlib import Path
+
+    from .study.config import load_study
+    from .study.pilot import PilotSettings, run_pilot
+
+    pilot = PilotSettings(delta=args.delta, steps=args.plan_steps)
+    plan = run_pilot(load_study(args.study), Path(args.out), pilot)
+    print("[plan] proposed (probes and numbers in <out>/pilot/plan.json):")
+    for line in plan.lines(args.delta):
+        print(f"  - {line}")
     return 0
 
 
@@ -563,11 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         cmd_compare,
         "run the data-conflict study (single-domain LoRA, mixed LoRA, mixed MoLE, controls)",
-        "llava-mole compare configs/study-tiny.yaml --out study-run",
+        "llava-mole compare configs/study-tiny.yaml --out study-run\n"
+        "llava-mole compare configs/study-tiny.yaml --out study-run --plan --delta 0.03",
     )
     p.add_argument("study", help="study YAML")
     p.add_argument(
         "--out", required=True, help="output folder (re-running continues an interrupted study)"
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="run short probes (learning rates x settings, 2 seeds) under OUT/pilot and propose "
+        "the learning rate, budget and seeds the study needs, with its wall time",
+    )
+    p.add_argument(
+        "--delta", type=float, default=0.03, help="with --plan: the difference to resolve"
+    )
+    p.add_argument(
+        "--plan-steps", type=_at_least(1), default=None, help="with --plan: steps per probe"
     )
 
     p = add(

@@ -52,5 +52,8 @@ def test_plan_picks_the_best_lr_per_setting_and_sizes_budget_seeds_and_time():
     assert plan.seeds == expected
     assert plan.seconds == pytest.approx(5 * expected * 900 * 0.08 / 2)
     assert any("seeds per setting" in line for line in plan.lines(0.05))
+    assert not any("learnt nothing" in line for line in plan.lines(0.05))
+    zero = [Probe("mix_lora", 1e-3, [(10, 0.0), (20, 0.0)], 0.1, [[0.0] * 50, [0.0] * 50])]
+    assert "learnt nothing" in plan_study(zero, 0.05, runs=1).lines(0.05)[-1]
     with pytest.raises(ValueError, match="no probes"):
         plan_study([], 0.05, runs=1)

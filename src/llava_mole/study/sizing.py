@@ -102,7 +102,14 @@ class StudyPlan:
                 for k, n in self.noise.items()
             ),
             f"estimated wall time: {self.seconds / 60:.0f} min",
-        ]
+        ] + (
+            [
+                "warning: the probes learnt nothing (test scores near 0): give them more steps "
+                "(--plan-steps) before trusting this plan"
+            ]
+            if all(n.mean < 0.01 for n in self.noise.values())
+            else []
+        )
 
 
 def _steps_to(curve: Sequence[tuple[int, float]], share: float) -> int:
