@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         (
             "export-moe",
             cmd_export_moe,
-            "write a top-1 MoLE adapter (gate_weighting 'none') as a sparse-MoE (Mixtral-style) "
+            "write a top-1 MoLE adapter (gate_weighting 'none' or 'straight') as a sparse-MoE (Mixtral-style) "
             "checkpoint that transformers and serving engines load without llava-mole",
             "llava-mole export-moe runs/tiny-mole-none moe-model",
         ),

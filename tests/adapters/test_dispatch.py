@@ -70,7 +70,10 @@ def naive_reference(
         top_p, top_e = probs[n].topk(block.top_k)
         if force_expert is not None:
             top_p, top_e = probs[n, force_expert : force_expert + 1], torch.tensor([force_expert])
-        weights = torch.ones_like(top_p) if block.gate_weighting == "none" else top_p
+        weights = {
+            "none": torch.ones_like(top_p),
+            "straight": top_p / top_p.detach(),  # 1 in value, d log p for the router
+        }.get(block.gate_weighting, top_p)
 
         def proj(name: str, h: torch.Tensor, weights=weights, top_e=top_e) -> torch.Tensor:
             y = h @ getattr(block, name).weight.double().T
@@ -121,9 +124,40 @@ def test_paths_match_reference(path, tokens):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_gate_weighting_none_matches_reference(path):
-    block = make_block(dispatch=path, gate="none")
+@pytest.mark.parametrize("gate", ["none", "straight"])
+def test_unweighted_gates_match_reference(path, gate):
+    block = make_block(dispatch=path, gate=gate)
     check_against_reference(block, torch.randn(50, 24))
+
+
+def test_dense_warmup_weights_by_probability_whatever_the_gate():
+    """A dense warmup is the soft mixture ``sum_k p_k delta_k`` for a ``straight`` gate too."""
+    block, every_expert = make_block(gate="straight"), make_block(top_k=4)  # same weights
+    x = torch.randn(40, 24)
+    block.state.dense_routing = True
+    block.train()
+    assert torch.allclose(block(x), every_expert(x), atol=1e-6)
+    block.eval()  # top-1 again, gate 1
+    assert torch.equal(block(x), make_block(gate="none")(x))
+
+
+def test_straight_gate_has_lora_scale_and_trains_the_router():
+    """``straight``: the outputs of ``none`` exactly, but the LM gradient reaches the router."""
+    x = torch.randn(30, 24)
+    straight, none = make_block(gate="straight"), make_block(gate="none")  # same weights
+    out = straight(x)
+    assert torch.equal(out, none(x))
+    out.square().sum().backward()
+    assert straight.router.weight.grad.abs().max() > 0
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    weights = route(logits, gate_weighting="straight").weights
+    assert torch.equal(weights, torch.ones(2, 1))
+    upstream = torch.tensor([1.0, -2.0])
+    (weights[:, 0] * upstream).sum().backward()
+    plain = logits.detach().requires_grad_()
+    log_p = torch.log_softmax(plain, -1)[[0, 1], [0, 1]]  # the chosen experts: 0 and 1
+    (log_p * upstream).sum().backward()
+    assert torch.allclose(logits.grad, plain.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)

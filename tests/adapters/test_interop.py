@@ -139,9 +139,11 @@ def _experts_used(model: torch.nn.Module, batch: dict) -> int:
     return max(int((c > 0).sum()) for c in counts.values())
 
 
-@pytest.mark.parametrize("family", ["llava", "llama"])
-def test_export_moe_equals_the_mole_model(tmp_path, family):
-    settings = MoLEConfig(rank=4, alpha=8, num_experts=3, gate_weighting="none", dropout=0.0)
+@pytest.mark.parametrize(
+    ("family", "gate"), [("llava", "none"), ("llama", "none"), ("llava", "straight")]
+)
+def test_export_moe_equals_the_mole_model(tmp_path, family, gate):
+    settings = MoLEConfig(rank=4, alpha=8, num_experts=3, gate_weighting=gate, dropout=0.0)
     build, auto = (build_llava, AutoModelForImageTextToText)
     batch = llava_batch()
     if family == "llama":

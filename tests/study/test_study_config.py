@@ -12,6 +12,7 @@ from llava_mole.study.compare import (
     StudyConfigError,
     load_study,
     plan_runs,
+    write_mixtures,
     write_single_mixtures,
 )
 
@@ -181,6 +182,39 @@ def test_single_domain_mixtures_keep_the_selection(world, tmp_path):
     ]
     document = yaml.safe_load(paths["document"].read_text(encoding="utf-8"))
     assert [d["name"] for d in document["datasets"]] == ["docs"]
+
+
+def test_2x_control_trains_on_twice_the_take_where_the_data_can_grow(world, tmp_path):
+    # c takes 5: the 2x control's mixture takes 10 of it (twice the samples, where c has them);
+    # a and b take all, which cannot grow. Everything else is the study's mixture.
+    study = load_study(study_file(world))
+    write_mixtures(study, tmp_path / "out")
+    by_id = {r.id: r for r in plan_runs(study, tmp_path / "out")}
+    x2 = Path(by_id["mix_lora_2x/seed0"].config.data.mixture)
+    assert x2.name == "samples-x2.yaml" and by_id["mix_lora_2x/seed0"].eval_mixture == x2
+    doc = yaml.safe_load(x2.read_text(encoding="utf-8"))
+    assert [d.get("take") for d in doc["datasets"]] == [None, None, 10]
+    assert [d["name"] for d in doc["datasets"]] == ["a/train.json", "docs", "c/train.json"]
+    assert Path(by_id["mix_mole/seed0"].config.data.mixture) == study.mixture
+
+    # fractions double up to 1.0
+    raw = yaml.safe_load((world["root"] / "data" / "mix.yaml").read_text(encoding="utf-8"))
+    raw["datasets"][0]["take"], raw["datasets"][2]["take"] = 0.3, 0.75
+    (world["root"] / "data" / "mix.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    write_mixtures(load_study(study_file(world)), tmp_path / "o2")
+    doc = yaml.safe_load((tmp_path / "o2" / "mixtures" / "samples-x2.yaml").read_text())
+    assert [d.get("take") for d in doc["datasets"]] == [0.6, None, 1.0]
+
+
+def test_2x_control_keeps_the_mixture_when_it_takes_everything(world, tmp_path):
+    raw = yaml.safe_load((world["root"] / "data" / "mix.yaml").read_text(encoding="utf-8"))
+    raw["datasets"][2].pop("take")
+    (world["root"] / "data" / "mix.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    study = load_study(study_file(world))
+    write_mixtures(study, tmp_path / "out")
+    run = next(r for r in plan_runs(study, tmp_path / "out") if r.setting == "mix_lora_2x")
+    assert Path(run.config.data.mixture) == study.mixture and run.steps == 2 * 4
+    assert not (tmp_path / "out" / "mixtures" / "samples-x2.yaml").exists()
 
 
 def test_threads_per_run_are_set_for_serial_runs_and_restored(world):

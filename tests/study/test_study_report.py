@@ -262,6 +262,9 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         # 20 steps x 4 samples over 120 samples = 0.67 epochs: 2x the steps see 1.5x the samples.
         "- `mix_lora_2x` sees 1.50× the distinct training samples of `mix_lora` (120 available",
         "| mix_lora | LoRA r=1 α=2 | 20 | 4 | 0.7 | 1,000 |",
+        "## Seed stability",
+        "| mix_mole | 3 | 0.010 | 0.850–0.870 | 0.010 (general) |",
+        "- `mix_mole`: macro seed std 0.010, no larger than mixed LoRA's (0.010).",
     ):
         assert part in report, part
     json.dumps(results.to_json())  # JSON-serialisable as written to results.json
@@ -273,6 +276,50 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
     )
     assert "dense (every expert, weighted by its router probability) for the first 20%" in report
     assert "(`train.router_dense_warmup = 0.2`)" in report
+
+
+def test_report_names_the_2x_control_by_what_it_doubled():
+    from llava_mole.study.config import StudyConfig
+
+    domains = ["general", "document"]
+    study = StudyConfig(
+        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1]
+    )
+
+    def report(samples_2x: int, steps: int) -> str:
+        records = _fake_records(domains, [0, 1])
+        for r in records:
+            r["max_steps"] = r["summary"]["steps"] = steps  # >= 1 epoch over 80 samples
+            if r["setting"] == "mix_lora_2x":
+                r["summary"]["data"]["per_domain"] = {d: samples_2x for d in domains}
+        return render_report(build_results(study, [RunOutput(**r) for r in records]))
+
+    doubled = report(80, 40)
+    assert "- `mix_lora_2x` is a **2× samples** control: twice the steps of `mix_lora` over " in (
+        doubled
+    )
+    assert "160 distinct training samples instead of 80 (2.00×" in doubled
+    same = report(40, 40)
+    assert "- `mix_lora_2x` is a **2× steps** control: twice the steps of `mix_lora` over " in same
+    assert "give its datasets a smaller `take` for a 2× samples control" in same
+
+
+def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
+    from llava_mole.study.config import StudyConfig
+
+    domains = ["general", "document"]
+    study = StudyConfig(
+        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1, 2]
+    )
+    records = _fake_records(domains, [0, 1, 2])
+    for r in records:
+        if r["setting"] == "mix_mole":  # one collapsed seed
+            score = 0.2 if r["seed"] == 1 else 0.85
+            for d in r["eval"]["per_domain"].values():
+                d["score"] = score
+    report = render_report(build_results(study, [RunOutput(**r) for r in records]))
+    assert "- `mix_mole`: macro seed std 0.375, larger than mixed LoRA's (0.010)." in report
+    assert "| mix_mole | 3 | 0.375 | 0.200–0.850 |" in report
 
 
 def test_loss_limits_ignore_the_first_logged_losses_and_outliers():

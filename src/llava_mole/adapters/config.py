@@ -17,7 +17,7 @@ from pydantic import Field
 from ..schema import SCHEMA_CONFIG, Bool, Float, Int, Str, StrTuple
 
 AdapterMode = Literal["mole", "lora", "none"]
-GateWeighting = Literal["prob", "none"]
+GateWeighting = Literal["prob", "none", "straight"]
 BalanceLoss = Literal["switch", "official"]
 Dispatch = Literal["auto", "loop", "grouped_mm", "dense", "triton"]
 Router = Literal["linear", "domain"]
@@ -51,7 +51,9 @@ class MoLEConfig:
         router_z_coef: coefficient of the router z-loss ``mean(logsumexp(logits)^2)``.
         gate_weighting: ``"prob"`` multiplies the expert delta by the router probability (the
             LM loss then trains the router); ``"none"`` adds it unweighted as in the official
-            release (the router then learns from the balance loss only).
+            release (the router then learns from the balance loss only); ``"straight"`` adds it
+            unweighted in value but gives the router the LM gradient of ``log p`` (a
+            straight-through gate ``p / stop_gradient(p)``; exports exactly as a sparse MoE).
         balance_loss: ``"switch"`` (Switch Transformer, ``K * sum_k f_k P_k`` per block, averaged
             over blocks) or ``"official"`` (the release's per-sample pooled form).
         attn_targets: attention projections that get plain LoRA.
@@ -147,8 +149,8 @@ class MoLEConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 bad(name, "must be a number >= 0")
-        if self.gate_weighting not in ("prob", "none"):
-            bad("gate_weighting", "must be 'prob' or 'none'")
+        if self.gate_weighting not in ("prob", "none", "straight"):
+            bad("gate_weighting", "must be 'prob', 'none' or 'straight'")
         if self.balance_loss not in ("switch", "official"):
             bad("balance_loss", "must be 'switch' or 'official'")
         if self.gate_weighting == "none" and self.balance_coef == 0 and self.num_experts > 1:

@@ -111,13 +111,17 @@ def route(
     Args:
         logits: router logits ``(N, K)``.
         top_k: experts per token.
-        gate_weighting: ``"prob"`` or ``"none"`` (weight 1, the official release's behaviour).
-        normalize: renormalise the top-k probabilities to sum to one.
+        gate_weighting: ``"prob"``, ``"none"`` (weight 1, the official release's behaviour) or
+            ``"straight"``: weight ``p / stop_gradient(p)``, exactly 1 in value (the delta keeps
+            LoRA's full scale, as with ``"none"``) with the gradient of ``log p`` for the router.
+        normalize: renormalise the top-k probabilities to sum to one (``"prob"`` only).
     """
     probs = torch.softmax(logits.float(), dim=-1)
     top_p, experts = probs.topk(top_k, dim=-1)
     if gate_weighting == "none":
         weights = torch.ones_like(top_p)
+    elif gate_weighting == "straight":
+        weights = top_p / top_p.detach()
     elif normalize:
         weights = top_p / top_p.sum(dim=-1, keepdim=True)
     else:

@@ -30,7 +30,7 @@ def _check_mergeable(model: nn.Module) -> None:
         raise AdapterError(
             f"merge: a MoLE adapter with {config.num_experts} experts has no single merged "
             "weight (the router picks the expert per token); use `llava-mole export-moe` for a "
-            "sparse-MoE checkpoint (top-1, gate_weighting='none'), or keep the adapter"
+            "sparse-MoE checkpoint (top-1, gate_weighting 'none' or 'straight'), or keep the adapter"
         )
 
 

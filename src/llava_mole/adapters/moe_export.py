@@ -1,7 +1,8 @@
 """Export a MoLE adapter as a standard sparse-MoE checkpoint (Mixtral-style language model).
 
-With top-1 routing and ``gate_weighting="none"`` (the official LLaVA-MoLE release's variant) a
-MoLE block computes, for a token routed to expert ``e``,
+With top-1 routing and ``gate_weighting="none"`` (the official LLaVA-MoLE release's variant) or
+``"straight"`` (the same numbers; only the router's training gradient differs) a MoLE block
+computes, for a token routed to expert ``e``,
 
     down_e(act(gate_e(x)) * up_e(x)),   P_e = W_P + (alpha / r) B_P^e A_P^e  for P in gate, up, down
 
@@ -74,11 +75,12 @@ def check_exportable(config: MoLEConfig, where: str) -> None:
             f"{where}: top_k={config.top_k}: only top-1 MoLE adapters export exactly (a top-k "
             "MoE weights full expert outputs, MoLE weights only the LoRA deltas)"
         )
-    if config.gate_weighting != "none":
+    if config.gate_weighting == "prob":
         raise AdapterError(
             f"{where}: gate_weighting={config.gate_weighting!r} scales the LoRA delta by the "
             "router probability inside the MLP, which no mixture of full experts computes; "
-            "only gate_weighting='none' (the official release's variant) exports exactly"
+            "only gate_weighting 'none' (the official release's variant) or 'straight' "
+            "export exactly"
         )
 
 

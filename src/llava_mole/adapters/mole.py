@@ -12,7 +12,11 @@ and every adapted projection ``P`` becomes
 with the same ``e`` for gate, up and down (``down`` sees the SwiGLU product of that token).
 With ``top_k > 1`` the token sums the deltas of its ``k`` most probable experts, each gated by
 its probability (renormalised over the ``k`` if ``normalize_top_k``); with
-``gate_weighting="none"`` every gate is 1 and the router learns from the balance loss only.
+``gate_weighting="none"`` every gate is 1 and the router learns from the balance loss only;
+with ``"straight"`` every gate is ``p_e / stop_gradient(p_e)``: 1 in value (the delta has plain
+LoRA's scale whatever the router's confidence, and the block exports exactly as a sparse MoE),
+while the LM loss trains the router through ``d log p_e``. During a dense warmup every expert
+is weighted by its probability, whatever the gate weighting (a soft mixture).
 
 One forward for training and inference (:meth:`MoLEMLP.forward`):
 
@@ -109,7 +113,9 @@ class MoLEMLP(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def route(self, flat: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, Routing]:
+    def route(
+        self, flat: torch.Tensor, top_k: int | None = None, gate_weighting: str | None = None
+    ) -> tuple[torch.Tensor, Routing]:
         """Router logits (float32, autocast off) and the top-k decision for ``(N, d)`` tokens."""
         with torch.autocast(device_type=flat.device.type, enabled=False):
             if self.routes_by_domain:
@@ -119,7 +125,8 @@ class MoLEMLP(nn.Module):
             else:  # a user-supplied router module
                 logits = self.router(flat.float()).float()
         top_k = self.top_k if top_k is None else top_k
-        return logits, route(logits, top_k, self.gate_weighting, self.normalize_top_k)
+        weighting = self.gate_weighting if gate_weighting is None else gate_weighting
+        return logits, route(logits, top_k, weighting, self.normalize_top_k)
 
     def _domain_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """One-hot logits (probability ~1) on the expert of each token's sample's domain."""
@@ -171,10 +178,11 @@ class MoLEMLP(nn.Module):
         """
         if self.router is None and not self.routes_by_domain:
             return SingleExpert(self.lora_A, self.lora_B, self.scaling, self._fuse)
-        top_k = self.top_k
+        top_k, weighting = self.top_k, None
         if self.training and self.state is not None and self.state.dense_routing:
-            top_k = self.num_experts  # dense warmup: every expert, weighted by its probability
-        routing = self._route_and_record(flat, top_k, batch_shape)
+            # dense warmup: every expert, weighted by its probability
+            top_k, weighting = self.num_experts, "prob"
+        routing = self._route_and_record(flat, top_k, batch_shape, weighting)
         dropout_active = self.training and isinstance(self.dropout, nn.Dropout)
         requested = self.dispatch
         if requested == "triton" and dropout_active:
@@ -192,10 +200,14 @@ class MoLEMLP(nn.Module):
         )
 
     def _route_and_record(
-        self, flat: torch.Tensor, top_k: int, batch_shape: tuple[int, ...]
+        self,
+        flat: torch.Tensor,
+        top_k: int,
+        batch_shape: tuple[int, ...],
+        gate_weighting: str | None = None,
     ) -> Routing:
         """The router's decision for ``flat``, its balance / z-loss terms recorded in the state."""
-        logits, routing = self.route(flat, top_k)
+        logits, routing = self.route(flat, top_k, gate_weighting)
         if self.state is not None:
             self.state.record(self.block_index, logits, routing, batch_shape)
         return routing

@@ -29,7 +29,7 @@ from .config import (
     load_study,
 )
 from .errors import StudyConfigError, StudyWorkersError
-from .plan import RunSpec, plan_runs, single_mixture_path, write_single_mixtures
+from .plan import RunSpec, plan_runs, single_mixture_path, write_mixtures, write_single_mixtures
 from .render import render_report
 from .results import StudyResults
 from .runner import check_stale, collect_runs, run_all
@@ -50,6 +50,7 @@ __all__ = [
     "plan_runs",
     "run_study",
     "single_mixture_path",
+    "write_mixtures",
     "write_single_mixtures",
 ]
 
@@ -96,7 +97,7 @@ def run_study(
     study = study_yaml if isinstance(study_yaml, StudyConfig) else load_study(study_yaml)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    write_single_mixtures(study, out)
+    write_mixtures(study, out)
     specs = plan_runs(study, out)
     for spec in specs:
         check_stale(spec)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..adapters.io import atomic_write_bytes
 from .config import ExtraSetting, StudyConfig
-from .plan import plan_runs, write_single_mixtures
+from .plan import plan_runs, write_mixtures
 from .results import RunOutput
 from .runner import check_stale, collect_runs, run_all
 from .sizing import Probe, StudyPlan, plan_study
@@ -113,7 +113,7 @@ def run_pilot(
     probes_study, names = pilot_study(study, pilot)
     root = Path(out_dir).resolve() / "pilot"
     root.mkdir(parents=True, exist_ok=True)
-    write_single_mixtures(probes_study, root)
+    write_mixtures(probes_study, root)
     specs = plan_runs(probes_study, root)
     for spec in specs:
         check_stale(spec)

@@ -2,7 +2,11 @@
 
 Each run trains into ``OUT/runs/<setting>[/<domain>]/seed<k>``; a per-domain setting
 (:attr:`~llava_mole.study.settings.Setting.per_domain`) trains on a mixture derived from the
-study's with only that domain's datasets (``OUT/mixtures/single-<domain>.yaml``).
+study's with only that domain's datasets (``OUT/mixtures/single-<domain>.yaml``), and a setting
+with :attr:`~llava_mole.study.settings.Setting.samples_factor` ``n > 1`` on one whose train
+``take`` is ``n`` times the study's (``OUT/mixtures/samples-x<n>.yaml``): a count ``N`` becomes
+``n * N`` and a fraction ``f`` becomes ``min(1, n * f)``, so the run sees more distinct samples
+where the files have them (``take: all`` cannot grow; the run then only has more steps).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ __all__ = [
     "SUMMARY",
     "RunSpec",
     "plan_runs",
+    "scaled_mixture_path",
     "single_mixture_path",
+    "write_mixtures",
+    "write_scaled_mixture",
     "write_single_mixtures",
 ]
 
@@ -77,13 +84,55 @@ def single_mixture_path(out_dir: Path, domain: str) -> Path:
     return Path(out_dir) / "mixtures" / f"single-{domain}.yaml"
 
 
+def scaled_mixture_path(out_dir: Path, factor: int) -> Path:
+    """Where the mixture with ``factor`` times the study's train ``take`` is written."""
+    return Path(out_dir) / "mixtures" / f"samples-x{factor}.yaml"
+
+
+def _scaled_take(take: object, factor: int) -> object:
+    """``take`` of a train entry with ``factor`` times the samples (``all`` cannot grow)."""
+    if take is None or take == "all":
+        return take
+    if isinstance(take, float) or (isinstance(take, str) and "." in take):
+        return min(1.0, factor * float(take))
+    return factor * int(take)
+
+
+def _write_derived(study: StudyConfig, target: Path, note: str, keep, factor: int = 1) -> Path:
+    """Write a mixture derived from the study's: the entries ``keep(spec)`` accepts.
+
+    Paths are written absolute so the file works from ``OUT/mixtures``; dataset names are
+    written explicitly because a default name is the path as written, and ``select: random``
+    seeds its draw with the name: a derived run must see the very samples the mixture run sees.
+    """
+    loaded = load_mixture(study.mixture)
+    raw = yaml.safe_load(Path(study.mixture).read_text(encoding="utf-8"))
+    entries = []
+    for entry, spec in zip(raw["datasets"], loaded.datasets):
+        if not keep(spec):
+            continue
+        entry = dict(entry)
+        entry["name"] = spec.name
+        for key in ("train", "test", "image_folder"):
+            value = getattr(spec, key)
+            if value is not None:
+                entry[key] = str(Path(value).resolve())
+        if factor != 1 and "take" in entry:
+            entry["take"] = _scaled_take(entry["take"], factor)
+        entries.append(entry)
+    doc = {k: v for k, v in raw.items() if k != "datasets"}
+    doc["datasets"] = entries
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# Derived by llava_mole.study from {study.mixture} ({note}).\n" + yaml.safe_dump(
+        doc, sort_keys=False
+    )
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        atomic_write_bytes(target, text.encode("utf-8"))
+    return target
+
+
 def write_single_mixtures(study: StudyConfig, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Derive one mixture per domain from the study's mixture (datasets filtered by domain).
-
-    Paths are written absolute so the files work from ``OUT/mixtures``; dataset names are
-    written explicitly because a default name is the path as written, and ``select: random``
-    seeds its draw with the name: the single-domain run must see the very samples the mixture
-    run sees.
 
     Args:
         study: the study.
@@ -92,33 +141,47 @@ def write_single_mixtures(study: StudyConfig, out_dir: str | os.PathLike[str]) -
     Returns:
         ``{domain: mixture path}``.
     """
-    loaded = load_mixture(study.mixture)
-    raw = yaml.safe_load(Path(study.mixture).read_text(encoding="utf-8"))
-    out: dict[str, Path] = {}
-    for domain in study.domains:
-        entries = []
-        for entry, spec in zip(raw["datasets"], loaded.datasets):
-            if spec.domain != domain:
-                continue
-            entry = dict(entry)
-            entry["name"] = spec.name
-            for key in ("train", "test", "image_folder"):
-                value = getattr(spec, key)
-                if value is not None:
-                    entry[key] = str(Path(value).resolve())
-            entries.append(entry)
-        doc = {k: v for k, v in raw.items() if k != "datasets"}
-        doc["datasets"] = entries
-        target = single_mixture_path(Path(out_dir), domain)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        text = (
-            f"# Derived by llava_mole.study from {study.mixture} (domain {domain}).\n"
-            + yaml.safe_dump(doc, sort_keys=False)
+    return {
+        domain: _write_derived(
+            study,
+            single_mixture_path(Path(out_dir), domain),
+            f"domain {domain}",
+            lambda spec, domain=domain: spec.domain == domain,
         )
-        if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            atomic_write_bytes(target, text.encode("utf-8"))
-        out[domain] = target
-    return out
+        for domain in study.domains
+    }
+
+
+def write_scaled_mixture(study: StudyConfig, out_dir: str | os.PathLike[str], factor: int) -> Path:
+    """Derive the mixture with ``factor`` times the study's train ``take`` (module doc)."""
+    target = scaled_mixture_path(Path(out_dir), factor)
+    return _write_derived(study, target, f"{factor}x the train take", lambda spec: True, factor)
+
+
+def write_mixtures(study: StudyConfig, out_dir: str | os.PathLike[str]) -> None:
+    """Every derived mixture the study's settings train on (single-domain and scaled)."""
+    write_single_mixtures(study, out_dir)
+    for factor in sorted(_factors(study)):
+        write_scaled_mixture(study, out_dir, factor)
+
+
+def _factors(study: StudyConfig) -> set[int]:
+    """The samples factors > 1 of the study's settings (none if no train ``take`` can grow)."""
+    takes = [spec.take for spec in load_mixture(study.mixture).datasets]
+    if all(t == "all" or (isinstance(t, float) and t >= 1.0) for t in takes):
+        return set()  # the mixture takes everything: a scaled one would be the same
+    factors = {registry.get(study.base_of(s)).samples_factor for s in study.all_settings}
+    return {f for f in factors if f > 1}
+
+
+def _run_mixture(
+    study: StudyConfig, out: Path, setting: str, domain: str | None, factors: set[int]
+) -> Path:
+    """The mixture a run of ``setting`` (on ``domain`` for a per-domain one) trains on."""
+    if domain is not None:
+        return single_mixture_path(out, domain)
+    factor = registry.get(study.base_of(setting)).samples_factor
+    return scaled_mixture_path(out, factor) if factor in factors else study.mixture
 
 
 def plan_runs(study: StudyConfig, out_dir: str | os.PathLike[str]) -> list[RunSpec]:
@@ -132,13 +195,14 @@ def plan_runs(study: StudyConfig, out_dir: str | os.PathLike[str]) -> list[RunSp
         The runs; configs carry ``output_dir``, ``train.seed`` and the data mixture.
     """
     out = Path(out_dir).resolve()
+    factors = _factors(study)
     runs = []
     for setting in study.all_settings:
         template = study.training_config(setting)
         per_domain = registry.get(study.base_of(setting)).per_domain
         domains: list[str | None] = list(study.domains) if per_domain else [None]
         for domain in domains:
-            mixture = study.mixture if domain is None else single_mixture_path(out, domain)
+            mixture = _run_mixture(study, out, setting, domain, factors)
             for seed in study.seeds:
                 middle = Path(setting) / domain if domain is not None else Path(setting)
                 run_dir = out / "runs" / middle / f"seed{seed}"

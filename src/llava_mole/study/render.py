@@ -135,12 +135,20 @@ def _steps_control_line(results: StudyResults) -> list[str]:
     if mixed is None or steps is None or not mixed.train_samples or mixed.epochs is None:
         return []
     name, base = by_role("steps_control").name, by_role("mixed").name
-    n = mixed.train_samples
+    n, n2 = mixed.train_samples, steps.train_samples or mixed.train_samples
+    if n2 > n:
+        return [
+            f"- `{name}` is a **2× samples** control: twice the steps of `{base}` over "
+            f"{n2:,} distinct training samples instead of {n:,} ({n2 / n:.2f}×; the study "
+            "mixture's train `take`, doubled).",
+            "",
+        ]
     if mixed.epochs >= 1:
         return [
             f"- `{name}` is a **2× steps** control: twice the steps of `{base}` over the same "
             f"{n:,} training samples ({2 * mixed.epochs:.1f} instead of {mixed.epochs:.1f} "
-            "epochs), not twice the data.",
+            "epochs), not twice the data (the mixture takes all its files have: give its "
+            "datasets a smaller `take` for a 2× samples control).",
             "",
         ]
     ratio = min(2 * mixed.epochs, 1.0) / mixed.epochs
@@ -305,6 +313,45 @@ def _warning_lines(results: StudyResults) -> list[str]:
     return lines + [f"- `{run}`: {warning}" for run, warning in found]
 
 
+def _stability_lines(results: StudyResults) -> list[str]:
+    """Seed spread per setting, and each MoLE setting's against mixed LoRA's (issue 18)."""
+    lines = ["## Seed stability", ""]
+    scored = {s: v for s, v in results.scores.items() if len(v.seeds) > 1}
+    if not scored:
+        return lines + ["- one seed per setting: no spread to compare."]
+    domains = results.setup.domains
+    lines += [
+        "Sample std over seeds of each setting's macro score, and of its most seed-sensitive "
+        "domain.",
+        "",
+        "| setting | seeds | macro std | macro range | largest domain std |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in scored.items():
+        macro = s.columns["macro"]
+        worst = max(domains, key=lambda d: s.columns[d].std or 0.0)
+        lines.append(
+            f"| {name} | {len(s.seeds)} | {_fmt(macro.std)} | {_fmt(macro.min)}–{_fmt(macro.max)} "
+            f"| {_fmt(s.columns[worst].std)} ({worst}) |"
+        )
+    mixed = scored.get(by_role("mixed").name)
+    moles = [n for n in scored if n in results.setup.settings and _is_mole(results, n)]
+    if mixed is None or not moles:
+        return lines
+    lines.append("")
+    ref = mixed.columns["macro"].std or 0.0
+    for name in moles:
+        std = scored[name].columns["macro"].std or 0.0
+        verdict = "no larger than" if std <= ref else "larger than"
+        lines.append(f"- `{name}`: macro seed std {std:.3f}, {verdict} mixed LoRA's ({ref:.3f}).")
+    return lines
+
+
+def _is_mole(results: StudyResults, setting: str) -> bool:
+    adapter = results.setup.settings[setting].adapter or {}
+    return adapter.get("type") == "mole"
+
+
 def render_report(results: StudyResults) -> str:
     """``report.md``: setup, main table, differences with intervals, verdict, convergence,
     routing."""
@@ -321,7 +368,7 @@ def render_report(results: StudyResults) -> str:
         *_interval_table(results),
         "",
     ]
-    lines += _verdict_lines(results) + [""] + _convergence_lines(results)
-    lines += [""] + _warning_lines(results)
+    lines += _verdict_lines(results) + [""] + _stability_lines(results)
+    lines += [""] + _convergence_lines(results) + [""] + _warning_lines(results)
     lines += [""] + _routing_section(results)
     return "\n".join(lines).rstrip() + "\n"

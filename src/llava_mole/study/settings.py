@@ -62,7 +62,7 @@ class Setting:
 
     Args:
         name: the name in the study YAML, tables, plots and run folders.
-        label: a plain-language label (``mixed LoRA, 2× steps``).
+        label: a plain-language label (``mixed LoRA, MLP rank K·r``).
         summary: one sentence: what is trained.
         role: how the verdict reads it (see :data:`Role`).
         adapter_type: ``lora`` or ``mole``.
@@ -70,6 +70,8 @@ class Setting:
             whole mixture.
         derive: changes the resolved ``adapter`` and ``train`` mappings in place (every adapter
             key present, defaults filled in); called after an extra setting's own changes.
+        samples_factor: train on a mixture with this many times the study's train ``take``
+            (:func:`llava_mole.study.plan.write_scaled_mixture`; ``1``: the study's mixture).
     """
 
     name: str
@@ -79,6 +81,7 @@ class Setting:
     adapter_type: Literal["lora", "mole"]
     per_domain: bool
     derive: Derive
+    samples_factor: int = 1
 
 
 def _unchanged(adapter: dict[str, Any], train: dict[str, Any], ctx: DeriveContext) -> None:
@@ -96,7 +99,7 @@ def _equal_exposure(adapter: dict[str, Any], train: dict[str, Any], ctx: DeriveC
 
 
 def _twice_the_steps(adapter: dict[str, Any], train: dict[str, Any], ctx: DeriveContext) -> None:
-    """``2 * max_steps``."""
+    """``2 * max_steps`` (and, by its ``samples_factor``, twice the samples the data has)."""
     train["max_steps"] = 2 * train["max_steps"]
 
 
@@ -142,12 +145,13 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         MIX_LORA_2X,
-        "mixed LoRA, 2× steps",
-        "plain LoRA on the mixture with twice the steps",
+        "mixed LoRA, 2× samples (2× steps where the data has no more)",
+        "plain LoRA on the mixture with twice the steps, over twice the train take",
         "steps_control",
         "lora",
         False,
         _twice_the_steps,
+        samples_factor=2,
     ),
     Setting(
         MIX_LORA_RANK_KR,

@@ -334,8 +334,8 @@ class TrainConfig:
         t = self.train
         if t.router_dense_warmup > 0 and self.adapter.gate_weighting == "none":
             raise ConfigError(
-                "train.router_dense_warmup: needs adapter.gate_weighting='prob' (with 'none' "
-                "the dense phase would sum the experts unweighted and never train the router)"
+                "train.router_dense_warmup: needs adapter.gate_weighting='prob' or 'straight' "
+                "(with 'none' the router never gets the LM loss's gradient)"
             )
         if t.max_steps == 0 or t.max_steps < -1:
             raise ConfigError(f"train.max_steps: must be > 0 or -1 (got {t.max_steps})")
