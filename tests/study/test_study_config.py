@@ -159,6 +159,18 @@ def test_plan_expands_settings_seeds_and_domains(world, tmp_path):
     assert {r.steps for r in plan_runs(same, tmp_path / "o2")} == {4}
 
 
+def test_runs_trained_to_convergence_get_the_same_budget_unless_told(world, tmp_path):
+    dev = {"max_steps": 30, "dev_per_domain": 5}
+    study = load_study(study_file(world, train=dev, settings=["single", "mix_lora"]))
+    assert study.single_steps == "same_steps"  # a budget is a cap: single runs stop on their own
+    assert {r.steps for r in plan_runs(study, tmp_path / "a")} == {30}
+    told = load_study(
+        study_file(world, train=dev, settings=["single"], single_steps="equal_exposure")
+    )
+    assert {r.steps for r in plan_runs(told, tmp_path / "b")} == {15}
+    assert load_study(study_file(world)).single_steps == "equal_exposure"
+
+
 def test_single_domain_mixtures_keep_the_selection(world, tmp_path):
     study = load_study(study_file(world))
     paths = write_single_mixtures(study, tmp_path / "out")

@@ -63,7 +63,9 @@ class StudyConfig:
         adapter: shared ``adapter`` keys of the training config (no ``type``).
         train: shared ``train`` keys (``max_steps`` required; no ``seed``/``report_to``).
         single_steps: ``equal_exposure`` (single-domain runs get ``max_steps / D`` steps) or
-            ``same_steps``.
+            ``same_steps``. Unset in the YAML: ``same_steps`` when the runs train to
+            convergence (``train.dev_per_domain``; every budget is then the same cap), else
+            ``equal_exposure``.
         settings: the built-in settings to run, in this order.
         extra_settings: further configurations.
         eval: evaluation settings.
@@ -250,7 +252,7 @@ def _build(path: Path) -> StudyConfig:
         seeds=list(raw.seeds),
         adapter=adapter,
         train=train_keys,
-        single_steps=raw.single_steps,
+        single_steps=raw.single_steps or _default_single_steps(train_keys),
         settings=list(raw.settings),
         extra_settings=extras,
         eval=raw.eval or EvalSection(),
@@ -264,6 +266,11 @@ def _build(path: Path) -> StudyConfig:
     return study
 
 
+def _default_single_steps(train: dict[str, Any]) -> str:
+    """``same_steps`` for runs trained to convergence (a budget is a cap), else equal exposure."""
+    return "same_steps" if train.get("dev_per_domain") else "equal_exposure"
+
+
 def load_study(path: str | os.PathLike[str]) -> StudyConfig:
     """Read and validate a study YAML with the shared schema (:mod:`llava_mole.schema`).
 
@@ -274,7 +281,7 @@ def load_study(path: str | os.PathLike[str]) -> StudyConfig:
         seeds: [0, 1, 2]
         adapter: {rank: 1, alpha: 2, num_experts: 3}   # training-config adapter keys, no type
         train: {learning_rate: 2e-3, max_steps: 300}   # training-config train keys, no seed
-        single_steps: equal_exposure      # or same_steps
+        single_steps: equal_exposure      # or same_steps (the default with train.dev_per_domain)
         settings: [single, mix_lora, mix_mole, mix_lora_2x, mix_lora_rank_kr]
         extra_settings:
           - {name: mole_k4, base: mix_mole, adapter: {num_experts: 4}}

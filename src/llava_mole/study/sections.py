@@ -131,7 +131,9 @@ class StudyFile:
     seeds: list[schema.Int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     adapter: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
-    single_steps: Literal["equal_exposure", "same_steps"] = "equal_exposure"
+    # None: ``same_steps`` when the runs train to convergence (``train.dev_per_domain``: the
+    # budget is then only a cap, the same for every run), else ``equal_exposure``.
+    single_steps: Literal["equal_exposure", "same_steps"] | None = None
     settings: list[schema.Str] = dataclasses.field(default_factory=lambda: list(SETTINGS))
     extra_settings: list[ExtraSetting] | None = None
     eval: EvalSection | None = None
