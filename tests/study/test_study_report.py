@@ -352,7 +352,7 @@ def test_rules_prose_is_generated_from_the_rules():
     assert "`single − mix_lora`" in conflict and "*conflict* if it is *above*" in conflict
 
 
-def test_runs_trained_to_convergence_and_silent_failures_reach_the_report():
+def test_runs_trained_to_convergence_and_silent_failures_reach_the_report(tmp_path: Path):
     from llava_mole.study.config import StudyConfig
     from llava_mole.study.stats import dev_convergence_flag
 
@@ -388,3 +388,14 @@ def test_runs_trained_to_convergence_and_silent_failures_reach_the_report():
     assert "## Silent failures" in report
     assert f"- `{mole[1]['id']}`: answer collapse on document: 91% of 4 predictions" in report
     assert dev_convergence_flag({"dev_curve": [], "converged_at": None}).points == 0
+
+    # Their dev curves are in results.json and drawn (dev_curves.png, linked from the report).
+    from llava_mole.study.plots import plot_all
+
+    assert results.runs[[r.id for r in results.runs].index(mole[0]["id"])].dev_curve[-1] == [
+        16,
+        0.8,
+    ]
+    results.plots = {k: p.name for k, p in plot_all(results.to_json(), tmp_path).items()}
+    assert (tmp_path / "dev_curves.png").stat().st_size > 5000
+    assert "![dev curves](dev_curves.png)" in render_report(results)

@@ -82,6 +82,7 @@ def run_result(record: RunOutput, domains: Sequence[str], tail: float, tol: floa
         eval_n={d: per_domain[d]["n"] for d in domains if d in per_domain},
         eval_wall_time_s=ev.get("wall_time_s"),
         warnings=list(summary.get("router_warnings") or []) + list(ev.get("warnings") or []),
+        dev_curve=(summary.get("convergence") or {}).get("dev_curve") or [],
     )
 
 

@@ -120,28 +120,20 @@ def loss_limits(
     return float(bottom - pad), float(top + pad)
 
 
-def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
-    """Training loss of every setting: mean over seeds (bold), each seed (thin).
+def _draw_curves(ax: Any, results: dict[str, Any], key: str) -> bool:
+    """Each setting's ``run[key]`` curves: mean over seeds (bold), each seed (thin).
 
-    Single-domain runs are drawn per domain (one line style per domain).
-
-    Args:
-        results: the study results (``runs``, ``settings``, ``domains``).
-        path: the PNG to write.
-
-    Returns:
-        ``path``.
+    Single-domain runs are drawn per domain (one line style per domain). Returns whether
+    anything was drawn.
     """
-    fig = _figure(8.0, 4.5)
-    ax = fig.add_subplot()
     drawn = False
     for i, setting in enumerate(results["settings"]):
         colour = _COLOURS[i % len(_COLOURS)]
         runs = [r for r in results["runs"] if r["setting"] == setting]
         groups: dict[str | None, list[list[list[float]]]] = {}
         for run in runs:
-            if run["loss_curve"]:
-                groups.setdefault(run["domain"], []).append(run["loss_curve"])
+            if run.get(key):
+                groups.setdefault(run["domain"], []).append(run[key])
         for g, (domain, curves) in enumerate(groups.items()):
             style = _STYLES[g % len(_STYLES)] if domain is not None else "-"
             for curve in curves:
@@ -157,6 +149,32 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
             label = f"{setting} ({domain})" if domain is not None else setting
             ax.plot(steps, mean, color=colour, linestyle=style, linewidth=2, label=label)
             drawn = True
+    return drawn
+
+
+def _finish_curves(ax: Any, drawn: bool, empty: str) -> None:
+    if drawn:
+        ax.legend(fontsize=7, ncols=2)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+
+
+def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
+    """Training loss of every setting: mean over seeds (bold), each seed (thin).
+
+    Single-domain runs are drawn per domain (one line style per domain).
+
+    Args:
+        results: the study results (``runs``, ``settings``, ``domains``).
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    drawn = _draw_curves(ax, results, "loss_curve")
     ax.set_xlabel("optimizer step")
     scale = results.get("study", {}).get("plots", {}).get("loss_scale", "linear")
     if scale == "log":
@@ -166,11 +184,30 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylim(*limits)
     ax.set_ylabel("training loss" + (" (log scale)" if scale == "log" else ""))
     ax.set_title("Training loss (bold: mean over seeds; thin: seeds)")
-    if drawn:
-        ax.legend(fontsize=7, ncols=2)
-    else:
-        ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
+    _finish_curves(ax, drawn, "no loss logged")
+    return _save(fig, Path(path))
+
+
+def plot_dev_curves(results: dict[str, Any], path: str | Path) -> Path:
+    """Dev score (``train.dev_per_domain`` runs) of every setting over the steps.
+
+    Means over seeds end where the shortest seed stopped; each seed's own curve (thin) ends
+    where early stopping ended it.
+
+    Args:
+        results: the study results.
+        path: the PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    drawn = _draw_curves(ax, results, "dev_curve")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("dev score (teacher-forced exact match, macro)")
+    ax.set_title("Dev score (bold: mean over seeds; thin: seeds, each until it stopped)")
+    _finish_curves(ax, drawn, "no dev scores logged")
     return _save(fig, Path(path))
 
 
@@ -257,14 +294,17 @@ def plot_all(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         out_dir: the study folder.
 
     Returns:
-        ``{"scores": path, "loss_curves": path, "routing": path}`` (``routing`` only when a
-        MoLE setting recorded routing; ``mix_mole`` is preferred).
+        ``{"scores": path, "loss_curves": path, "dev_curves": path, "routing": path}``
+        (``dev_curves`` only when runs trained to convergence; ``routing`` only when a MoLE
+        setting recorded routing; ``mix_mole`` is preferred).
     """
     out = Path(out_dir)
     paths = {
         "scores": plot_scores(results, out / "scores.png"),
         "loss_curves": plot_loss_curves(results, out / "loss_curves.png"),
     }
+    if any(run.get("dev_curve") for run in results["runs"]):
+        paths["dev_curves"] = plot_dev_curves(results, out / "dev_curves.png")
     candidates = [s for s, p in results["routing"].items() if p is not None]
     if candidates:
         method = by_role("method").name

@@ -301,6 +301,8 @@ def _convergence_lines(results: StudyResults) -> list[str]:
         )
     if "loss_curves.png" in results.plots.values():
         lines += ["", "![loss curves](loss_curves.png)"]
+    if "dev_curves.png" in results.plots.values():
+        lines += ["", "![dev curves](dev_curves.png)"]
     return lines
 
 

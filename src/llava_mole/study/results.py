@@ -155,6 +155,7 @@ class RunResult:
     eval_n: dict[str, int]
     eval_wall_time_s: float | None
     warnings: list[str] = field(default_factory=list)
+    dev_curve: list[list[float]] = field(default_factory=list)
 
     @property
     def converged(self) -> bool | None:
