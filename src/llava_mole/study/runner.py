@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,11 +137,27 @@ def _evaluate(job: _Job) -> None:
     write_item_scores(spec.run_dir, spec.eval_mixture)
 
 
-def _init_worker(threads: int) -> None:
-    """Pool initializer: share the cores among the workers instead of oversubscribing them."""
+def _init_worker(threads: int, parent: int | None = None) -> None:
+    """Pool initializer: share the cores among the workers instead of oversubscribing them,
+    and end the worker when the study process is gone (:func:`_exit_with_parent`)."""
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this worker once its parent ``parent`` has died (it is re-parented).
+
+    A worker outliving a killed ``llava-mole compare`` would go on training its queued runs
+    into the study folder, where a new study (or a re-run) trains the same runs: two writers
+    of one run folder. Its current run stays unfinished (no ``summary.json``), so a re-run
+    resumes or redoes it.
+    """
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(3)
 
 
 def _clock(seconds: float) -> str:
@@ -271,7 +288,7 @@ def _run_pool(study: StudyConfig, specs: list[RunSpec], meter: _Progress) -> Non
         max_workers=study.workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(threads,),
+        initargs=(threads, os.getpid()),
     ) as pool:
         pending = {pool.submit(_execute, _job(study, s, False, True)): s for s in todo}
         try:
