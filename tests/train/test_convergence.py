@@ -109,6 +109,38 @@ def test_the_rule_stops_after_patience_keeps_the_best_weights_and_replays_on_res
     assert (again.progress.best_step, again.progress.strikes) == (20, 1)
 
 
+def test_a_tie_in_all_but_the_last_bit_is_judged_as_its_replay_judges_it(tmp_path):
+    # Two macros of different per-domain scores that print alike: (0.95 + 1 + 59/60) / 3 and
+    # (58/60 + 58/60 + 1) / 3. Live and replayed (from the logged values) decisions must agree,
+    # or the kept weights are not those of the step the dev curve names (seen in a study).
+    first = [0.95, 1.0, 59 / 60]
+    second = [58 / 60, 58 / 60, 1.0]
+    assert sum(first) / 3 != sum(second) / 3 and round(sum(first) / 3, 6) == round(
+        sum(second) / 3, 6
+    )
+    scores = iter([first, [0.5, 0.5, 0.5], second, [0.5, 0.5, 0.5]])
+    model = nn.Linear(2, 2)
+    state = TrainerState(max_steps=100)
+    state.log_history = []
+
+    def score(m: nn.Module) -> DevScore:
+        per = next(scores)
+        with torch.no_grad():
+            m.weight.fill_(per[0])
+        return DevScore(dict(zip("abc", per)), dict.fromkeys("abc", 60))
+
+    def log(values: dict) -> None:
+        state.log_history.append({"step": state.global_step, **values})
+
+    callback = DevEarlyStopping(ConvergenceRule(every=10, patience=9), score, tmp_path, log)
+    callback.on_train_begin(None, state, TrainerControl())
+    _drive(callback, model, state, range(1, 41))
+    live = callback.progress.best_step
+    callback.on_train_begin(None, state, TrainerControl())  # the end-of-run replay
+    assert live == callback.progress.best_step == 10
+    assert callback.restore_best(model) == 10 and torch.all(model.weight == 0.95)
+
+
 def test_rule_settings_are_checked():
     with pytest.raises(ValueError, match="patience must be >= 1"):
         ConvergenceRule(every=10, patience=0)
