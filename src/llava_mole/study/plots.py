@@ -152,6 +152,15 @@ def _draw_curves(ax: Any, results: dict[str, Any], key: str) -> bool:
     return drawn
 
 
+def _curves_figure(results: dict[str, Any], key: str) -> tuple[Figure, Any, bool]:
+    """A figure with every setting's ``run[key]`` curves over the optimizer steps."""
+    fig = _figure(8.0, 4.5)
+    ax = fig.add_subplot()
+    drawn = _draw_curves(ax, results, key)
+    ax.set_xlabel("optimizer step")
+    return fig, ax, drawn
+
+
 def _finish_curves(ax: Any, drawn: bool, empty: str) -> None:
     if drawn:
         ax.legend(fontsize=7, ncols=2)
@@ -172,10 +181,7 @@ def plot_loss_curves(results: dict[str, Any], path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    fig = _figure(8.0, 4.5)
-    ax = fig.add_subplot()
-    drawn = _draw_curves(ax, results, "loss_curve")
-    ax.set_xlabel("optimizer step")
+    fig, ax, drawn = _curves_figure(results, "loss_curve")
     scale = results.get("study", {}).get("plots", {}).get("loss_scale", "linear")
     if scale == "log":
         ax.set_yscale("log")
@@ -201,10 +207,7 @@ def plot_dev_curves(results: dict[str, Any], path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    fig = _figure(8.0, 4.5)
-    ax = fig.add_subplot()
-    drawn = _draw_curves(ax, results, "dev_curve")
-    ax.set_xlabel("optimizer step")
+    fig, ax, drawn = _curves_figure(results, "dev_curve")
     ax.set_ylabel("dev score (teacher-forced exact match, macro)")
     ax.set_title("Dev score (bold: mean over seeds; thin: seeds, each until it stopped)")
     _finish_curves(ax, drawn, "no dev scores logged")
