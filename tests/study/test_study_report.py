@@ -364,6 +364,11 @@ def test_runs_trained_to_convergence_and_silent_failures_reach_the_report(tmp_pa
         "best_step": 12, "best_dev_score": 0.81, "converged_at": 16,
         "dev_curve": [[4, 0.5], [8, 0.7], [12, 0.81], [16, 0.8]], "rule": {"patience": 1},
     }  # fmt: skip
+    lora = next(r for r in records if r["setting"] == "mix_lora")
+    lora["summary"]["convergence"] = {
+        "best_step": 8, "best_dev_score": 0.7, "converged_at": 16, "lr_decayed_at": [12],
+        "dev_curve": [[4, 0.5], [8, 0.7], [12, 0.6], [16, 0.65]], "rule": {"patience": 1},
+    }  # fmt: skip
     mole[1]["summary"]["convergence"] = {
         "best_step": 20, "best_dev_score": 0.9, "converged_at": None,
         "dev_curve": [[10, 0.8], [20, 0.9]], "rule": {"patience": 3},
@@ -381,6 +386,11 @@ def test_runs_trained_to_convergence_and_silent_failures_reach_the_report(tmp_pa
     assert mole[1]["id"] in results.still_improving and mole[0]["id"] not in results.still_improving
     report = render_report(results)
     assert f"- `{mole[0]['id']}`: converged at step 16 (best dev score 0.810 at step 12)" in report
+    assert (
+        f"- `{lora['id']}`: converged at step 16 (best dev score 0.700 at step 8; learning "
+        "rate cut at step 12)" in report
+    )
+    assert "a dev plateau first cuts the learning rate" in report
     assert (
         f"- `{mole[1]['id']}`: used its budget of 20 steps, best dev score 0.900 at step 20"
         in report

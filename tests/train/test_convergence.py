@@ -191,3 +191,78 @@ def test_a_run_trains_to_convergence_keeps_its_best_weights_and_resumes_exactly(
     assert resumed["convergence"]["dev_curve"] == conv["dev_curve"]
     again = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_a_plateau_cuts_the_learning_rate_before_a_plateau_ends_the_run(tmp_path):
+    # Strikes: 0.2 (1), 0.25 (2) -> cut; 0.28 (1), 0.29 (2) -> stop. A LambdaLR schedule gets
+    # the cut on top of its own factor.
+    scores = iter([0.1, 0.3, 0.2, 0.25, 0.28, 0.29, 0.9])
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    state = TrainerState(max_steps=100)
+    state.log_history = []
+
+    def score(m: nn.Module) -> DevScore:
+        return DevScore({"d": next(scores)}, {"d": 4})
+
+    def log(values: dict) -> None:
+        state.log_history.append({"step": state.global_step, **values})
+
+    rule = ConvergenceRule(every=10, patience=2, decays=1, decay_factor=0.25)
+    callback = DevEarlyStopping(rule, score, tmp_path, log)
+    callback.on_train_begin(None, state, TrainerControl(), lr_scheduler=schedule)
+    control, lrs = TrainerControl(), {}
+    for step in range(1, 101):
+        state.global_step = step
+        optimizer.step()
+        schedule.step()
+        lrs[step] = optimizer.param_groups[0]["lr"]
+        callback.on_step_end(None, state, control, model=model)
+        if control.should_training_stop:
+            break
+    summary = callback.summary()
+    assert (summary["lr_decayed_at"], summary["converged_at"], summary["best_step"]) == (
+        [40],
+        60,
+        20,
+    )
+    assert lrs[40] == pytest.approx(1 / 41) and lrs[41] == pytest.approx(0.25 / 42)
+    # A resume replays the cut from the log and scales the loaded schedule the same way.
+    again = DevEarlyStopping(rule, score, tmp_path, log)
+    state.log_history = [r for r in state.log_history if r["step"] <= 50]
+    fresh = torch.optim.lr_scheduler.LambdaLR(
+        torch.optim.SGD(model.parameters(), lr=1.0), lambda step: 1.0 / (1 + step)
+    )
+    again.on_train_begin(None, state, TrainerControl(), lr_scheduler=fresh)
+    assert again.progress.lr_scale == 0.25 and again.progress.strikes == 1
+    assert fresh.lr_lambdas[0](9) == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="LambdaLR"):
+        again._scale_schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5))
+
+
+def test_a_resumed_run_replays_its_learning_rate_cuts_exactly(tiny_world, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    cut = ("train.dev_decays=1", "train.dev_decay_factor=0.25", "train.lr_scheduler=constant")
+    summary = _train(tiny_world, tmp_path / "a", *cut)
+    conv = summary["convergence"]
+    (decayed,) = conv["lr_decayed_at"]
+    assert decayed < conv["converged_at"] and summary["steps"] == conv["converged_at"]
+    logs = [json.loads(line) for line in (tmp_path / "a" / "logs.jsonl").open()]
+    lr = {r["step"]: r["learning_rate"] for r in logs if "learning_rate" in r}
+    # The rate of the step after the cut was scheduled before it: the cut shows one step later.
+    assert lr[decayed + 1] == pytest.approx(0.002) and lr[decayed + 2] == pytest.approx(0.0005)
+    assert lr[max(lr)] == pytest.approx(0.0005)
+    # Interrupted after the cut and resumed: same dev curve, learning rates and adapter.
+    stop = f"train.stop_after_steps={decayed + 2}"
+    assert _train(tiny_world, tmp_path / "b", *cut, stop) == {}
+    resumed = _train(tiny_world, tmp_path / "b", *cut)
+    assert resumed["convergence"] == conv
+    logs_b = [json.loads(line) for line in (tmp_path / "b" / "logs.jsonl").open()]
+    assert {r["step"]: r["learning_rate"] for r in logs_b if "learning_rate" in r} == lr
+    final = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    again = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)

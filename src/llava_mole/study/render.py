@@ -269,8 +269,9 @@ def _convergence_lines(results: StudyResults) -> list[str]:
     if dev:
         lines[4:4] = [
             "Runs trained to convergence (`train.dev_per_domain`) are judged by their dev split "
-            "instead: converged when early stopping ended them, still improving when they used "
-            "their whole budget; their final weights are those of the best dev score.",
+            "instead: converged when early stopping ended them (a dev plateau first cuts the "
+            "learning rate, `train.dev_decays` times, then ends the run), still improving when "
+            "they used their whole budget; their final weights are those of the best dev score.",
             "",
         ]
     still = [r for r in results.runs if r.converged is False]
@@ -289,9 +290,11 @@ def _convergence_lines(results: StudyResults) -> list[str]:
     for run in dev:
         if run.converged:
             c = run.convergence
+            cuts = ", ".join(str(step) for step in c.lr_cuts)
             lines.append(
                 f"- `{run.id}`: converged at step {c.stopped_at} (best dev score "
-                f"{c.tail_mean:.3f} at step {c.best_step})"
+                f"{c.tail_mean:.3f} at step {c.best_step}"
+                + (f"; learning rate cut at step {cuts})" if cuts else ")")
             )
     if not still:
         lines.append("- no judged run was still improving at the end.")

@@ -119,6 +119,7 @@ class ConvergenceFlag:
             dev split: :func:`dev_convergence_flag`).
         best_step: with ``dev``, the step of the best dev score (the weights kept).
         stopped_at: with ``dev``, the step early stopping ended the run (None: the budget did).
+        lr_cuts: with ``dev``, the steps where a dev plateau cut the learning rate.
     """
 
     converged: bool | None
@@ -130,10 +131,11 @@ class ConvergenceFlag:
     rule: str = "loss"
     best_step: int | None = None
     stopped_at: int | None = None
+    lr_cuts: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, object]:
         """The fields as a mapping."""
-        return dict(self.__dict__)
+        return dict(self.__dict__) | {"lr_cuts": list(self.lr_cuts)}
 
 
 def convergence_flag(
@@ -177,6 +179,7 @@ def dev_convergence_flag(convergence: dict) -> ConvergenceFlag:
         rule="dev",
         best_step=convergence.get("best_step"),
         stopped_at=stopped,
+        lr_cuts=tuple(int(step) for step in convergence.get("lr_decayed_at") or ()),
     )
 
 

@@ -114,12 +114,16 @@ class MoLESettings:
             of the run, keeping the full schedule; resume continues it. ``0``: off.
         dev_per_domain: train to convergence: hold this many training samples of each domain
             out as a dev split (seeded), score them every ``dev_every`` steps (teacher-forced
-            exact match, see :mod:`.convergence`), stop after ``dev_patience`` scores in a row
-            that do not beat the best by more than ``dev_min_delta``, and keep the best weights.
-            ``max_steps`` is then the budget. ``0``: off (train for the whole schedule).
+            exact match, see :mod:`.convergence`); after ``dev_patience`` scores in a row that
+            do not beat the best by more than ``dev_min_delta``, cut the learning rate
+            (``dev_decays`` times), then stop, and keep the best weights. ``max_steps`` is then
+            the budget. ``0``: off (train for the whole schedule).
         dev_every: steps between dev scores.
-        dev_patience: dev scores in a row without improvement that end the run.
+        dev_patience: dev scores in a row without improvement that cut the learning rate or,
+            after ``dev_decays`` cuts, end the run.
         dev_min_delta: how much a dev score must beat the best to count as an improvement.
+        dev_decays: learning-rate cuts on a dev plateau before one ends the run.
+        dev_decay_factor: each cut multiplies the learning rate by this.
     """
 
     __pydantic_config__ = SCHEMA_CONFIG
@@ -137,6 +141,8 @@ class MoLESettings:
     dev_every: Annotated[Int, at_least(1)] = 100
     dev_patience: Annotated[Int, at_least(1)] = 3
     dev_min_delta: Annotated[Float, at_least(0)] = 0.0
+    dev_decays: Annotated[Int, at_least(0)] = 2
+    dev_decay_factor: Annotated[Float, above(0), between(0, 1, high_open=True)] = 0.3
 
 
 MOLE_SETTINGS = tuple(f.name for f in dataclasses.fields(MoLESettings))

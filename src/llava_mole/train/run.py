@@ -265,8 +265,9 @@ def add_convergence(config: TrainConfig, trainer: MoLETrainer, processor, dev) -
         )
         return teacher_forced_exact(model, batches, list(dev.domains))
 
+    t = config.train
     rule = ConvergenceRule(
-        config.train.dev_every, config.train.dev_patience, config.train.dev_min_delta
+        t.dev_every, t.dev_patience, t.dev_min_delta, t.dev_decays, t.dev_decay_factor
     )
     callback = DevEarlyStopping(rule, score, config.output_dir, trainer.log)
     trainer.add_callback(callback)
