@@ -253,6 +253,7 @@ def test_a_resumed_run_replays_its_learning_rate_cuts_exactly(tiny_world, tmp_pa
     assert decayed < conv["converged_at"] and summary["steps"] == conv["converged_at"]
     logs = [json.loads(line) for line in (tmp_path / "a" / "logs.jsonl").open()]
     lr = {r["step"]: r["learning_rate"] for r in logs if "learning_rate" in r}
+    assert sorted(lr) == list(range(1, summary["steps"] + 1))  # dev steps log their loss too
     # The rate of the step after the cut was scheduled before it: the cut shows one step later.
     assert lr[decayed + 1] == pytest.approx(0.002) and lr[decayed + 2] == pytest.approx(0.0005)
     assert lr[max(lr)] == pytest.approx(0.0005)
