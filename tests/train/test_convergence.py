@@ -142,8 +142,10 @@ def test_a_tie_in_all_but_the_last_bit_is_judged_as_its_replay_judges_it(tmp_pat
 
 
 def test_rule_settings_are_checked():
-    with pytest.raises(ValueError, match="patience must be >= 1"):
+    with pytest.raises(ValueError, match="smooth must be >= 1"):
         ConvergenceRule(every=10, patience=0)
+    with pytest.raises(ValueError, match="decay_factor must be in"):
+        ConvergenceRule(decays=1, decay_factor=1.0)
 
 
 def _train(world, out, *extra: str) -> dict:
@@ -267,3 +269,33 @@ def test_a_resumed_run_replays_its_learning_rate_cuts_exactly(tiny_world, tmp_pa
     final = load_file(tmp_path / "a" / "adapter_model.safetensors")
     again = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_the_rule_judges_the_mean_of_the_last_scores_so_one_lucky_score_does_not_hold_the_best(
+    tmp_path,
+):
+    # Raw scores: a spike (0.9) among 0.6s, then a lasting 0.8. Unsmoothed, the spike is the
+    # best and the run stops at step 70; averaged over 3, the 0.8s win (step 80).
+    raw = [0.5, 0.6, 0.9, 0.6, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8]
+
+    def run(smooth: int, folder) -> dict:
+        scores = iter(raw)
+        state = TrainerState(max_steps=100)
+        state.log_history = []
+
+        def log(values: dict) -> None:
+            state.log_history.append({"step": state.global_step, **values})
+
+        def score(m: nn.Module) -> DevScore:
+            return DevScore({"d": next(scores)}, {"d": 60})
+
+        callback = DevEarlyStopping(ConvergenceRule(10, 4, smooth=smooth), score, folder, log)
+        callback.on_train_begin(None, state, TrainerControl())
+        _drive(callback, nn.Linear(2, 2), state, range(1, 101))
+        return callback.summary()
+
+    plain = run(1, tmp_path)
+    assert (plain["best_step"], plain["best_dev_score"], plain["converged_at"]) == (30, 0.9, 70)
+    smoothed = run(3, tmp_path)
+    assert smoothed["best_step"] == 80 and smoothed["best_dev_score"] == pytest.approx(0.8)
+    assert smoothed["converged_at"] is None and smoothed["dev_curve"][2] == [30, 0.9]

@@ -124,6 +124,8 @@ class MoLESettings:
         dev_min_delta: how much a dev score must beat the best to count as an improvement.
         dev_decays: learning-rate cuts on a dev plateau before one ends the run.
         dev_decay_factor: each cut multiplies the learning rate by this.
+        dev_smooth: the rule judges the mean of the last this-many dev scores (a single lucky
+            score then rarely holds the best).
     """
 
     __pydantic_config__ = SCHEMA_CONFIG
@@ -143,6 +145,7 @@ class MoLESettings:
     dev_min_delta: Annotated[Float, at_least(0)] = 0.0
     dev_decays: Annotated[Int, at_least(0)] = 2
     dev_decay_factor: Annotated[Float, above(0), between(0, 1, high_open=True)] = 0.3
+    dev_smooth: Annotated[Int, at_least(1)] = 3
 
 
 MOLE_SETTINGS = tuple(f.name for f in dataclasses.fields(MoLESettings))

@@ -267,7 +267,12 @@ def add_convergence(config: TrainConfig, trainer: MoLETrainer, processor, dev) -
 
     t = config.train
     rule = ConvergenceRule(
-        t.dev_every, t.dev_patience, t.dev_min_delta, t.dev_decays, t.dev_decay_factor
+        every=t.dev_every,
+        patience=t.dev_patience,
+        min_delta=t.dev_min_delta,
+        decays=t.dev_decays,
+        decay_factor=t.dev_decay_factor,
+        smooth=t.dev_smooth,
     )
     callback = DevEarlyStopping(rule, score, config.output_dir, trainer.log)
     trainer.add_callback(callback)
