@@ -146,12 +146,17 @@ def above(bound: float, hint: str = "") -> AfterValidator:
     return _rule(f"must be > {bound}", lambda v: v > bound, hint)
 
 
-def between(low: float, high: float, *, high_open: bool = False) -> AfterValidator:
-    """Range metadata: ``low <= value <= high`` (``< high`` with ``high_open``)."""
-    shown = f"must be in [{low}, {high}{')' if high_open else ']'}"
-    if high_open:
-        return _rule(shown, lambda v: low <= v < high)
-    return _rule(shown, lambda v: low <= v <= high)
+def between(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> AfterValidator:
+    """Range metadata: ``low <= value <= high`` (``<`` at an end marked open)."""
+    shown = f"must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def inside(value: float) -> bool:
+        above_low = value > low if low_open else value >= low
+        return above_low and (value < high if high_open else value <= high)
+
+    return _rule(shown, inside)
 
 
 # ---- config classes ------------------------------------------------------------------------

@@ -27,6 +27,12 @@ BASE = ["model.path=m", "data.mixture=x.yaml", "output_dir=o"]
         ("train.max_skipped_share=2", r"train.max_skipped_share: must be in \[0, 1\]"),
         ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
         ("train.router_lr=0", "train.router_lr: must be > 0"),
+        ("train.dev_decay_factor=1.0", r"train.dev_decay_factor: must be in \(0, 1\)"),
+        ("train.dev_decay_factor=0", r"train.dev_decay_factor: must be in \(0, 1\)"),
+        ("train.dev_decays=-1", "train.dev_decays: must be >= 0"),
+        ("train.dev_smooth=0", "train.dev_smooth: must be >= 1"),
+        ("train.dev_patience=0", "train.dev_patience: must be >= 1"),
+        ("train.dev_every=0", "train.dev_every: must be >= 1"),
         ("train.num_workers=-1", "train.num_workers: must be >= 0"),
         ("adapter.mlp_targets=[nope]", "'nope' is not one of"),
     ],
@@ -34,6 +40,25 @@ BASE = ["model.path=m", "data.mixture=x.yaml", "output_dir=o"]
 def test_out_of_range_settings_are_refused(setting, match):
     with pytest.raises(ConfigError, match=match):
         load_train_config(None, [*BASE, setting])
+
+
+@pytest.mark.parametrize(
+    "setting,shown",
+    [
+        ("train.dev_decay_factor=1.5", "train.dev_decay_factor: must be in (0, 1) (got 1.5)"),
+        ("train.dev_smooth=0", "train.dev_smooth: must be >= 1 (got 0)"),
+        ("train.dev_decays=-2", "train.dev_decays: must be >= 0 (got -2)"),
+    ],
+)
+def test_the_cli_refuses_an_out_of_range_rule_setting_in_one_line(tmp_path, capsys, setting, shown):
+    (tmp_path / "c.yaml").write_text("{}\n")
+    argv = ["train", str(tmp_path / "c.yaml")]
+    for item in [*BASE[:2], f"output_dir={tmp_path / 'o'}", setting]:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == f"llava-mole train: error: {shown}"
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_null_turns_clipping_off_explicitly():

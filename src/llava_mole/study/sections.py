@@ -66,7 +66,7 @@ class ConvergenceSection:
             (relative) below the mean of the equal-length window just before it.
     """
 
-    tail: Annotated[schema.Float, schema.between(0, 0.5), schema.above(0)] = 0.2
+    tail: Annotated[schema.Float, schema.between(0, 0.5, low_open=True)] = 0.2
     tolerance: Annotated[schema.Float, schema.at_least(0)] = 0.02
 
 

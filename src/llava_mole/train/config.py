@@ -144,7 +144,7 @@ class MoLESettings:
     dev_patience: Annotated[Int, at_least(1)] = 3
     dev_min_delta: Annotated[Float, at_least(0)] = 0.0
     dev_decays: Annotated[Int, at_least(0)] = 2
-    dev_decay_factor: Annotated[Float, above(0), between(0, 1, high_open=True)] = 0.3
+    dev_decay_factor: Annotated[Float, between(0, 1, low_open=True, high_open=True)] = 0.3
     dev_smooth: Annotated[Int, at_least(1)] = 3
 
 
