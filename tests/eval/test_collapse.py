@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from llava_mole.eval.collapse import answer_collapse, expert_findings
+from llava_mole.eval.collapse import (
+    answer_collapse,
+    evaluation_warnings,
+    expert_findings,
+    missing_answers,
+)
 
 
 def test_a_domain_answering_one_string_is_named_with_its_share():
@@ -35,6 +40,46 @@ def test_skewed_references_and_healthy_or_tiny_domains_are_not_flagged():
     assert answer_collapse("d", ["z"] * 19 + refs[:21], refs) is None
     with pytest.raises(ValueError, match="3 predictions for 2 references"):
         answer_collapse("d", ["a", "b", "c"], ["a", "b"])
+
+
+def _count_domain(three_said: int) -> tuple[list[str], list[str]]:
+    """125 one, 107 two, 121 three, 125 four (references); ``three_said`` of the threes right,
+    the rest answered "two"."""
+    refs = ["one"] * 125 + ["two"] * 107 + ["three"] * 121 + ["four"] * 125
+    preds = ["one"] * 125 + ["two"] * 107 + ["three"] * three_said + ["two"] * (121 - three_said)
+    preds += ["four"] * 125
+    return preds, refs
+
+
+def test_a_common_answer_the_run_never_gives_is_named_with_both_shares():
+    preds, refs = _count_domain(three_said=10)  # the skills-world MoLE seed that never said it
+    assert answer_collapse("count", preds, refs) is None  # its top answer has 48%: not a collapse
+    (found,) = missing_answers("count", preds, refs)
+    assert (found.answer, found.n) == ("three", 478)
+    assert found.reference_share == pytest.approx(121 / 478) and found.share == pytest.approx(
+        10 / 478
+    )
+    message = found.message("mix_mole/seed2")
+    assert message == (
+        "mix_mole/seed2: missing answer on count: 'three' is the reference of 25% of 478 items "
+        "but 2% of the predictions"
+    )
+    records = [{"domain": "count", "prediction": p, "reference": [r]} for p, r in zip(preds, refs)]
+    assert evaluation_warnings(records) == [found.message()]
+
+
+def test_answers_given_often_enough_rare_ones_and_small_domains_are_not_missing():
+    assert missing_answers("count", *_count_domain(three_said=105)) == []  # a healthy seed
+    # The boundary: predicted exactly ratio x its reference share is not missing, one less is.
+    refs = ["a"] * 40 + ["b"] * 40  # each 50% of the references
+    assert missing_answers("d", ["a"] * 70 + ["b"] * 10, refs) == []  # b at 12.5% = 0.25 x 50%
+    assert [m.answer for m in missing_answers("d", ["a"] * 71 + ["b"] * 9, refs)] == ["b"]
+    # Open answers, each under 10% of the references, are never flagged however wrong.
+    varied = [f"w{i % 20}" for i in range(100)]
+    assert missing_answers("vqa", ["x"] * 100, varied) == []
+    assert missing_answers("d", ["a"] * 39, ["b"] * 39) == []  # fewer than 40 items
+    with pytest.raises(ValueError, match="3 predictions for 2 references"):
+        missing_answers("d", ["a", "b", "c"], ["a", "b"])
 
 
 def test_dead_and_monopolising_experts_per_block():

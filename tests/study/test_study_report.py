@@ -409,3 +409,31 @@ def test_runs_trained_to_convergence_and_silent_failures_reach_the_report(tmp_pa
     results.plots = {k: p.name for k, p in plot_all(results.to_json(), tmp_path).items()}
     assert (tmp_path / "dev_curves.png").stat().st_size > 5000
     assert "![dev curves](dev_curves.png)" in render_report(results)
+
+
+def test_a_missing_answer_single_domain_runs_share_is_listed_once_a_runs_own_per_run():
+    from llava_mole.eval.collapse import MissingAnswer
+    from llava_mole.study.config import StudyConfig
+
+    domains = ["count", "order"]
+    records = _fake_records(domains, [0, 1])
+    orange = MissingAnswer("order", "orange", 0.14, 0.02, 500).message()
+    three = MissingAnswer("count", "three", 0.24, 0.03, 500).message()
+    by_id = {r["id"]: r for r in records}
+    for run_id in ("single/order/seed0", "mix_lora//seed1", "mix_mole//seed0"):
+        by_id[run_id]["eval"]["warnings"] = [orange]  # the base never says orange
+    by_id["mix_mole//seed1"]["eval"]["warnings"] = [three]  # one seed never learnt three
+    study = StudyConfig(
+        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1]
+    )
+    lines = render_report(build_results(study, [RunOutput(**r) for r in records])).splitlines()
+    section = lines[lines.index("## Silent failures") + 2 :]
+    section = section[: section.index("")]
+    assert section == [
+        f"- `mix_mole//seed1`: {three}",
+        "- missing answer on order: 'orange', in 3 run(s), single-domain ones too (a limit of "
+        "the base or the data, not of mixing): `single/order/seed0`, `mix_lora//seed1`, "
+        "`mix_mole//seed0`",
+    ]
+    assert MissingAnswer.what_of(three) == "missing answer on count: 'three'"
+    assert MissingAnswer.what_of("dead expert 0 in block 1: 0.3% of tokens") is None

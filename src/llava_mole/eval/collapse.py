@@ -1,4 +1,4 @@
-"""Silent failures a score alone hides: answer-distribution collapse and dead experts.
+"""Silent failures a score alone hides: answer collapse, missing answers and dead experts.
 
 A run can fail without any error: a MoLE seed that answers the same two words for 91% of a
 domain's test samples scores near zero there while its loss stays flat and no router warning
@@ -11,6 +11,13 @@ Answer collapse
     ``s_p >= min_share`` and ``s_p >= ratio * s_r``: most answers are one string, far more
     often than the data gives that reason to. A domain whose references are mostly one answer
     (a yes/no set with 80% "yes") is not flagged for predicting it.
+Missing answer
+    The opposite failure: a common answer the run (almost) never gives. With ``q_a`` the
+    share of the domain's references that are ``a`` and ``s_a`` its share of the predictions,
+    ``a`` is missing when ``q_a >= min_reference_share`` and ``s_a < ratio * q_a``. A
+    skills-world MoLE seed never learnt "three" shapes: it is the reference of 24% of the
+    count items and 2% of its predictions (it says "two"), which the dominant-answer check
+    does not see (its most frequent answer has 45% of the predictions).
 Expert health
     For a MoLE block with ``K`` experts and token shares ``f_1..f_K`` (summing to 1), expert
     ``k`` is *dead* when ``f_k < dead_share / K`` (under a tenth of its fair share by default)
@@ -29,9 +36,11 @@ from typing import Any, Literal
 __all__ = [
     "AnswerCollapse",
     "ExpertFinding",
+    "MissingAnswer",
     "answer_collapse",
     "evaluation_warnings",
     "expert_findings",
+    "missing_answers",
 ]
 
 
@@ -59,6 +68,46 @@ class AnswerCollapse:
             f"{where}answer collapse on {self.domain}: {self.share:.0%} of {self.n} predictions "
             f"are {self.answer!r} (the most frequent reference is {self.reference_share:.0%})"
         )
+
+
+@dataclass(frozen=True)
+class MissingAnswer:
+    """A common reference answer of one domain that the run (almost) never predicts.
+
+    Attributes:
+        domain: The domain.
+        answer: The (normalised) reference answer.
+        reference_share: Its share of the domain's references.
+        share: Its share of the domain's predictions.
+        n: Items looked at.
+    """
+
+    domain: str
+    answer: str
+    reference_share: float
+    share: float
+    n: int
+
+    def message(self, run: str = "") -> str:
+        where = f"{run}: " if run else ""
+        return (
+            f"{where}{self.what}{_MISSING_SPLIT}{self.reference_share:.0%} of {self.n} items but "
+            f"{self.share:.0%} of the predictions"
+        )
+
+    @property
+    def what(self) -> str:
+        """The finding without its shares: the same in every run that misses this answer."""
+        return f"missing answer on {self.domain}: {self.answer!r}"
+
+    @staticmethod
+    def what_of(line: str) -> str | None:
+        """:attr:`what` of a :meth:`message` line (None for another finding's line)."""
+        head, split, _ = line.partition(_MISSING_SPLIT)
+        return head if split and head.startswith("missing answer on ") else None
+
+
+_MISSING_SPLIT = " is the reference of "
 
 
 @dataclass(frozen=True)
@@ -111,6 +160,42 @@ def answer_collapse(
     return None
 
 
+def missing_answers(
+    domain: str,
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    min_reference_share: float = 0.1,
+    ratio: float = 0.25,
+    min_items: int = 40,
+) -> list[MissingAnswer]:
+    """The common answers of one domain the predictions (almost) never give (module docstring).
+
+    Args:
+        domain: Domain name (for the findings).
+        predictions: One prediction per test item.
+        references: The reference answer of each item (the first, if several).
+        min_reference_share: Only answers at least this common among the references.
+        ratio: Flagged when predicted less than this fraction as often as it is the reference.
+        min_items: Fewer items than this are never flagged (too few to tell).
+
+    Returns:
+        The findings, most common reference answer first.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    n = len(predictions)
+    if n < min_items:
+        return []
+    predicted = Counter(_normalise(p) for p in predictions)
+    found = []
+    for answer, count in Counter(_normalise(r) for r in references).most_common():
+        reference_share, share = count / n, predicted[answer] / n
+        if reference_share >= min_reference_share and share < ratio * reference_share:
+            found.append(MissingAnswer(domain, answer, reference_share, share, n))
+    return found
+
+
 def expert_findings(
     loads: Sequence[Sequence[float]], *, dead_share: float = 0.1
 ) -> list[ExpertFinding]:
@@ -141,8 +226,8 @@ def expert_findings(
 def evaluation_warnings(
     records: Sequence[dict], routing_counts: dict[int, Any] | None = None
 ) -> list[str]:
-    """One line per finding of an evaluation: each domain's answer collapse (from the
-    prediction records: ``domain``, ``prediction``, ``reference``), and the dead or monopolising
+    """One line per finding of an evaluation: each domain's answer collapse and missing answers
+    (from the prediction records: ``domain``, ``prediction``, ``reference``), and the dead or monopolising
     experts of each block (from the routing counts, ``block -> (domains, kinds, K)`` tensors,
     as ``capture_routing`` collects them)."""
     by_domain: dict[str, tuple[list[str], list[str]]] = {}
@@ -156,6 +241,7 @@ def evaluation_warnings(
         found = answer_collapse(domain, preds, refs)
         if found is not None:
             lines.append(found.message())
+        lines += [m.message() for m in missing_answers(domain, preds, refs)]
     if routing_counts:
         loads = [routing_counts[b].sum(dim=(0, 1)).tolist() for b in sorted(routing_counts)]
         lines += [f.message() for f in expert_findings(loads)]

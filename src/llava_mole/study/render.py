@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..eval.collapse import MissingAnswer
 from .results import Difference
 from .rules import CONTRAST, CONTRASTS
 from .settings import by_role
@@ -311,12 +312,37 @@ def _convergence_lines(results: StudyResults) -> list[str]:
 
 
 def _warning_lines(results: StudyResults) -> list[str]:
-    """Silent failures found in the runs (answer collapse, dead experts, router collapse)."""
-    found = [(r.id, w) for r in results.runs for w in r.warnings]
+    """Silent failures found in the runs (answer collapse, missing answers, dead experts, router
+    collapse). A missing answer that a single-domain run misses too is a limit of the base or
+    the data, not of a run: it is listed once, with the runs that miss it."""
+    found = [(r, w) for r in results.runs for w in r.warnings]
     lines = ["## Silent failures", ""]
     if not found:
-        return lines + ["- none found (answer collapse, dead or monopolising experts)."]
-    return lines + [f"- `{run}`: {warning}" for run, warning in found]
+        return lines + [
+            "- none found (answer collapse, missing answers, dead or monopolising experts)."
+        ]
+    shared: dict[str, list[str]] = {}
+    for run, warning in found:
+        what = MissingAnswer.what_of(warning)
+        if what is not None:
+            shared.setdefault(what, []).append(run.id)
+    single = by_role("single").name
+    shared = {
+        what: ids
+        for what, ids in shared.items()
+        if any(r.id in ids and r.setting == single for r in results.runs)
+    }
+    lines += [
+        f"- `{run.id}`: {warning}"
+        for run, warning in found
+        if MissingAnswer.what_of(warning) not in shared
+    ]
+    for what, ids in shared.items():
+        lines.append(
+            f"- {what}, in {len(ids)} run(s), single-domain ones too (a limit of the base or the "
+            f"data, not of mixing): " + ", ".join(f"`{i}`" for i in ids)
+        )
+    return lines
 
 
 def _stability_lines(results: StudyResults) -> list[str]:
