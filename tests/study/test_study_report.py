@@ -417,8 +417,8 @@ def test_a_missing_answer_single_domain_runs_share_is_listed_once_a_runs_own_per
 
     domains = ["count", "order"]
     records = _fake_records(domains, [0, 1])
-    orange = MissingAnswer("order", "orange", 0.14, 0.02, 500).message()
-    three = MissingAnswer("count", "three", 0.24, 0.03, 500).message()
+    orange = MissingAnswer("order", "orange", share=0.02, reference_share=0.14, n=500).message()
+    three = MissingAnswer("count", "three", share=0.03, reference_share=0.24, n=500).message()
     by_id = {r["id"]: r for r in records}
     for run_id in ("single/order/seed0", "mix_lora//seed1", "mix_mole//seed0"):
         by_id[run_id]["eval"]["warnings"] = [orange]  # the base never says orange

@@ -45,53 +45,50 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class AnswerCollapse:
-    """A domain whose predictions are mostly one answer.
+class _AnswerFinding:
+    """A finding about one answer of one domain's predictions.
 
     Attributes:
         domain: The domain.
-        answer: The dominant (normalised) prediction.
+        answer: The (normalised) answer.
         share: Its share of the domain's predictions.
-        reference_share: Share of the most frequent reference answer.
-        n: Predictions looked at.
-    """
-
-    domain: str
-    answer: str
-    share: float
-    reference_share: float
-    n: int
-
-    def message(self, run: str = "") -> str:
-        where = f"{run}: " if run else ""
-        return (
-            f"{where}answer collapse on {self.domain}: {self.share:.0%} of {self.n} predictions "
-            f"are {self.answer!r} (the most frequent reference is {self.reference_share:.0%})"
-        )
-
-
-@dataclass(frozen=True)
-class MissingAnswer:
-    """A common reference answer of one domain that the run (almost) never predicts.
-
-    Attributes:
-        domain: The domain.
-        answer: The (normalised) reference answer.
-        reference_share: Its share of the domain's references.
-        share: Its share of the domain's predictions.
+        reference_share: For a collapse, the share of the most frequent reference answer; for a
+            missing answer, the answer's own share of the references.
         n: Items looked at.
     """
 
     domain: str
     answer: str
-    reference_share: float
     share: float
+    reference_share: float
     n: int
 
     def message(self, run: str = "") -> str:
-        where = f"{run}: " if run else ""
+        """One line naming the finding (and the run, if given)."""
+        return (f"{run}: " if run else "") + self.describe()
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AnswerCollapse(_AnswerFinding):
+    """A domain whose predictions are mostly one answer (``answer``, the dominant prediction)."""
+
+    def describe(self) -> str:
         return (
-            f"{where}{self.what}{_MISSING_SPLIT}{self.reference_share:.0%} of {self.n} items but "
+            f"answer collapse on {self.domain}: {self.share:.0%} of {self.n} predictions "
+            f"are {self.answer!r} (the most frequent reference is {self.reference_share:.0%})"
+        )
+
+
+@dataclass(frozen=True)
+class MissingAnswer(_AnswerFinding):
+    """A common reference answer of one domain that the run (almost) never predicts."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.what}{_MISSING_SPLIT}{self.reference_share:.0%} of {self.n} items but "
             f"{self.share:.0%} of the predictions"
         )
 
@@ -192,7 +189,7 @@ def missing_answers(
     for answer, count in Counter(_normalise(r) for r in references).most_common():
         reference_share, share = count / n, predicted[answer] / n
         if reference_share >= min_reference_share and share < ratio * reference_share:
-            found.append(MissingAnswer(domain, answer, reference_share, share, n))
+            found.append(MissingAnswer(domain, answer, share, reference_share, n))
     return found
 
 
