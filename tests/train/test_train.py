@@ -280,6 +280,16 @@ def test_domain_router_trains_evaluates_and_refuses_free_form_prompts(tiny_world
         train(load_train_config(None, too_few))
 
 
+def test_a_domain_routed_run_scores_its_dev_split(tiny_world, tmp_path):
+    # The dev scorer names each dev sample's domain to the router, as training and evaluation
+    # do (it used to crash at the first dev score: the study's routed-by-label setting).
+    run = tmp_path / "oracle-dev"
+    overrides = base_overrides(tiny_world, run, max_steps=4, dev_per_domain=2, dev_every=2)
+    assert train(load_train_config(None, [*overrides, "adapter.router=domain"])).completed
+    curve = json.loads((run / "summary.json").read_text())["convergence"]["dev_curve"]
+    assert [step for step, _ in curve] == [2, 4]
+
+
 def test_settings_added_later_do_not_orphan_earlier_runs(tiny_world, tmp_path):
     from llava_mole.train.resume import config_changes
 

@@ -49,6 +49,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
+from ..adapters.state import set_routing_domains
+
 IGNORE_INDEX = -100
 DEV_KEY = "dev/score"
 BEST_FILE = "dev-best.safetensors"
@@ -159,6 +161,7 @@ def teacher_forced_exact(
                 k: v.to(device) for k, v in batch.items() if k not in ("labels", "domain_ids")
             }
             inputs.pop("loss_positions", None)
+            set_routing_domains(model, [domains[i] for i in domain_ids.tolist()])  # router=domain
             logits = model(**inputs).logits[:, :-1]
             target = labels[:, 1:].to(device)
             wrong = (logits.argmax(-1) != target) & (target != IGNORE_INDEX)
