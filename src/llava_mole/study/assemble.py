@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..eval.collapse import MissingAnswer
 from .render import render_table
 from .results import (
     MACRO,
@@ -57,6 +58,7 @@ def run_result(record: RunOutput, domains: Sequence[str], tail: float, tol: floa
     summary, ev = record.summary, record.eval
     curve = summary.get("loss_curve") or []
     per_domain = ev.get("per_domain", {})
+    warnings = list(summary.get("router_warnings") or []) + list(ev.get("warnings") or [])
     return RunResult(
         id=record.id,
         setting=record.setting,
@@ -81,8 +83,9 @@ def run_result(record: RunOutput, domains: Sequence[str], tail: float, tol: floa
         scores={d: per_domain[d]["score"] for d in domains if d in per_domain},
         eval_n={d: per_domain[d]["n"] for d in domains if d in per_domain},
         eval_wall_time_s=ev.get("wall_time_s"),
-        warnings=list(summary.get("router_warnings") or []) + list(ev.get("warnings") or []),
+        warnings=warnings,
         dev_curve=(summary.get("convergence") or {}).get("dev_curve") or [],
+        missing_answers={w: what for w in warnings if (what := MissingAnswer.what_of(w))},
     )
 
 

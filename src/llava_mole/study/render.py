@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..eval.collapse import MissingAnswer
 from .results import Difference
 from .rules import CONTRAST, CONTRASTS
 from .settings import by_role
@@ -323,9 +322,8 @@ def _warning_lines(results: StudyResults) -> list[str]:
         ]
     shared: dict[str, list[str]] = {}
     for run, warning in found:
-        what = MissingAnswer.what_of(warning)
-        if what is not None:
-            shared.setdefault(what, []).append(run.id)
+        if warning in run.missing_answers:
+            shared.setdefault(run.missing_answers[warning], []).append(run.id)
     single = by_role("single").name
     shared = {
         what: ids
@@ -335,7 +333,7 @@ def _warning_lines(results: StudyResults) -> list[str]:
     lines += [
         f"- `{run.id}`: {warning}"
         for run, warning in found
-        if MissingAnswer.what_of(warning) not in shared
+        if run.missing_answers.get(warning) not in shared
     ]
     for what, ids in shared.items():
         lines.append(

@@ -156,6 +156,9 @@ class RunResult:
     eval_wall_time_s: float | None
     warnings: list[str] = field(default_factory=list)
     dev_curve: list[list[float]] = field(default_factory=list)
+    missing_answers: dict[str, str] = field(default_factory=dict)
+    """Each of ``warnings`` that is a missing answer -> the finding without its shares (the
+    same line in every run that misses that answer; see ``eval.collapse.MissingAnswer``)."""
 
     @property
     def converged(self) -> bool | None:
