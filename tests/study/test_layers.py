@@ -16,6 +16,8 @@ PURE = (
     "settings",
     "sections",
     "stats",
+    "spread",
+    "stability",
     "results",
     "rules",
     "verdict",

@@ -264,7 +264,9 @@ def test_report_and_plots_from_hand_made_runs(tmp_path: Path):
         "| mix_lora | LoRA r=1 α=2 | 20 | 4 | 0.7 | 1,000 |",
         "## Seed stability",
         "| mix_mole | 3 | 0.010 | 0.850–0.870 | 0.010 (general) |",
-        "- `mix_mole`: macro seed std 0.010, no larger than mixed LoRA's (0.010).",
+        "- `mix_mole`: macro seed std 0.010, no larger than mixed LoRA's (0.010); std ratio 1.00, "
+        "95% interval [0.16, 6.24]: not resolved with 3 + 3 seeds.",
+        "with 3 + 3 seeds a std ratio must exceed about 6 to be resolved at 95%.",
     ):
         assert part in report, part
     json.dumps(results.to_json())  # JSON-serialisable as written to results.json
@@ -318,7 +320,10 @@ def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
             for d in r["eval"]["per_domain"].values():
                 d["score"] = score
     report = render_report(build_results(study, [RunOutput(**r) for r in records]))
-    assert "- `mix_mole`: macro seed std 0.375, larger than mixed LoRA's (0.010)." in report
+    assert "- `mix_mole`: macro seed std 0.375, larger than mixed LoRA's (0.010); std ratio " in (
+        report
+    )
+    assert "larger beyond the interval." in report
     assert "| mix_mole | 3 | 0.375 | 0.200–0.850 |" in report
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .results import Difference
 from .rules import CONTRAST, CONTRASTS
 from .settings import by_role
+from .stability import stability_lines
 
 if TYPE_CHECKING:
     from .results import StudyResults
@@ -343,45 +344,6 @@ def _warning_lines(results: StudyResults) -> list[str]:
     return lines
 
 
-def _stability_lines(results: StudyResults) -> list[str]:
-    """Seed spread per setting, and each MoLE setting's against mixed LoRA's (issue 18)."""
-    lines = ["## Seed stability", ""]
-    scored = {s: v for s, v in results.scores.items() if len(v.seeds) > 1}
-    if not scored:
-        return lines + ["- one seed per setting: no spread to compare."]
-    domains = results.setup.domains
-    lines += [
-        "Sample std over seeds of each setting's macro score, and of its most seed-sensitive "
-        "domain.",
-        "",
-        "| setting | seeds | macro std | macro range | largest domain std |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, s in scored.items():
-        macro = s.columns["macro"]
-        worst = max(domains, key=lambda d: s.columns[d].std or 0.0)
-        lines.append(
-            f"| {name} | {len(s.seeds)} | {_fmt(macro.std)} | {_fmt(macro.min)}–{_fmt(macro.max)} "
-            f"| {_fmt(s.columns[worst].std)} ({worst}) |"
-        )
-    mixed = scored.get(by_role("mixed").name)
-    moles = [n for n in scored if n in results.setup.settings and _is_mole(results, n)]
-    if mixed is None or not moles:
-        return lines
-    lines.append("")
-    ref = mixed.columns["macro"].std or 0.0
-    for name in moles:
-        std = scored[name].columns["macro"].std or 0.0
-        verdict = "no larger than" if std <= ref else "larger than"
-        lines.append(f"- `{name}`: macro seed std {std:.3f}, {verdict} mixed LoRA's ({ref:.3f}).")
-    return lines
-
-
-def _is_mole(results: StudyResults, setting: str) -> bool:
-    adapter = results.setup.settings[setting].adapter or {}
-    return adapter.get("type") == "mole"
-
-
 def render_report(results: StudyResults) -> str:
     """``report.md``: setup, main table, differences with intervals, verdict, convergence,
     routing."""
@@ -398,7 +360,7 @@ def render_report(results: StudyResults) -> str:
         *_interval_table(results),
         "",
     ]
-    lines += _verdict_lines(results) + [""] + _stability_lines(results)
+    lines += _verdict_lines(results) + [""] + stability_lines(results)
     lines += [""] + _convergence_lines(results) + [""] + _warning_lines(results)
     lines += [""] + _routing_section(results)
     return "\n".join(lines).rstrip() + "\n"
