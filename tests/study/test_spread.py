@@ -38,7 +38,9 @@ def test_three_seeds_cannot_resolve_a_fivefold_ratio_but_four_can():
     assert larger.low < 1.0 < larger.high
     assert larger.verdict == "unresolved" and larger.seeds_needed == 4
     smaller = spread_ratio([0.66, 0.67, 0.68], [0.60, 0.70, 0.65])
-    assert smaller.verdict == "unresolved" and smaller.high == pytest.approx(1 / larger.low, rel=0.02)
+    assert smaller.verdict == "unresolved" and smaller.high == pytest.approx(
+        1 / larger.low, rel=0.02
+    )
     ten = [0.6, 0.7, 0.65, 0.62, 0.68] * 2
     steady = [0.66, 0.67, 0.68, 0.665, 0.675] * 2
     assert spread_ratio(ten, steady).verdict == "larger"

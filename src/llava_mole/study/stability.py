@@ -4,10 +4,11 @@ setting's spread is larger than mixed LoRA's beyond the variance-ratio interval
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from .settings import by_role
-from .spread import SpreadRatio, spread_ratio
+from .spread import SpreadRatio, f_quantiles, spread_ratio
 
 if TYPE_CHECKING:
     from .results import StudyResults
@@ -42,22 +43,26 @@ def stability_lines(results: StudyResults) -> list[str]:
         return lines
     lines.append("")
     ref = mixed.columns["macro"]
+    confidence = results.uncertainty.confidence
     for name in moles:
         macro = scored[name].columns["macro"]
         verdict = "no larger than" if (macro.std or 0.0) <= (ref.std or 0.0) else "larger than"
         lines.append(
             f"- `{name}`: macro seed std {macro.std:.3f}, {verdict} mixed LoRA's ({ref.std:.3f}); "
-            + _spread_clause(spread_ratio(macro.scores, ref.scores, results.uncertainty.confidence))
+            + _spread_clause(spread_ratio(macro.scores, ref.scores, confidence))
         )
-    lines += ["", _SPREAD_NOTE]
-    return lines
+    return lines + ["", _spread_note(len(scored[moles[0]].seeds), len(mixed.seeds), confidence)]
 
 
-_SPREAD_NOTE = (
-    "The ratio's interval is the F interval of a ratio of variances (normal seed scores; a "
-    "failed seed makes them bimodal, and the interval then only a guide): with 3 + 3 seeds "
-    "a std ratio must exceed about 6 to be resolved at 95%."
-)
+def _spread_note(n_mole: int, n_lora: int, confidence: float) -> str:
+    """How the interval is made, and the ratio the study's seeds can resolve."""
+    _, high = f_quantiles(n_mole - 1, n_lora - 1, confidence)
+    return (
+        "The ratio's interval is the F interval of a ratio of variances (normal seed scores; a "
+        "failed seed makes them bimodal, and the interval then only a guide): with "
+        f"{n_mole} + {n_lora} seeds a std ratio must exceed {math.sqrt(high):.1f} to be resolved "
+        f"at {confidence:.0%}."
+    )
 
 
 def _spread_clause(spread: SpreadRatio) -> str:
