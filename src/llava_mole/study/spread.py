@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from .stats import keyed_rng
 
 __all__ = ["MAX_SEEDS", "SpreadRatio", "f_quantiles", "seeds_to_resolve", "spread_ratio"]
@@ -46,8 +48,6 @@ def f_quantiles(dfn: int, dfd: int, confidence: float) -> tuple[float, float]:
     """``(F_(α/2), F_(1-α/2))`` of the F distribution with ``(dfn, dfd)`` degrees of freedom."""
     if dfn < 1 or dfd < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got ({dfn}, {dfd})")
-    import numpy as np
-
     draws = keyed_rng(0, f"F({dfn},{dfd})").f(dfn, dfd, size=_DRAWS)
     alpha = 1.0 - confidence
     low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
