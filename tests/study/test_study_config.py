@@ -246,3 +246,23 @@ def test_threads_per_run_are_set_for_serial_runs_and_restored(world):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(original)
+
+
+def test_the_run_count_line_names_per_domain_runs_only_when_single_is_run(capsys):
+    from llava_mole.study.compare import _announce
+    from llava_mole.study.config import StudyConfig
+
+    def line(settings: list[str]) -> str:
+        study = StudyConfig(
+            path=None, model=Path("/m"), mixture=Path("/x.yaml"), domains=["a", "b", "c"]
+        )
+        study.settings = settings
+        _announce(study, 6, Path("/out"))
+        return capsys.readouterr().out.strip()
+
+    assert line(["single", "mix_lora"]) == (
+        "[study] 6 runs: 2 settings x 3 seeds (single: x 3 domains) -> /out"
+    )
+    assert (
+        line(["mix_lora_2x", "mix_lora_rank_kr"]) == "[study] 6 runs: 2 settings x 3 seeds -> /out"
+    )

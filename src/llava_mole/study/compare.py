@@ -33,7 +33,7 @@ from .plan import RunSpec, plan_runs, single_mixture_path, write_mixtures, write
 from .render import render_report
 from .results import StudyResults
 from .runner import check_stale, collect_runs, run_all
-from .settings import SETTINGS
+from .settings import SETTINGS, by_role
 
 __all__ = [
     "SETTINGS",
@@ -56,9 +56,13 @@ __all__ = [
 
 
 def _announce(study: StudyConfig, n_runs: int, out: Path) -> None:
+    single = by_role("single").name
+    per_domain = (
+        f" ({single}: x {len(study.domains)} domains)" if single in study.all_settings else ""
+    )
     print(
         f"[study] {n_runs} runs: {len(study.all_settings)} settings x "
-        f"{len(study.seeds)} seeds (single: x {len(study.domains)} domains) -> {out}",
+        f"{len(study.seeds)} seeds{per_domain} -> {out}",
         flush=True,
     )
 
