@@ -14,7 +14,7 @@ variances ``s_a²`` and ``s_b²``, drawn from normal distributions of variances 
     [ r / sqrt(F_(1-α/2)),  r / sqrt(F_(α/2)) ],   r = s_a / s_b,  α = 1 - confidence.
 
 With 3 + 3 seeds ``F_0.975(2, 2) = 39``, so the interval spans a factor of 39 around ``r``: an
-observed ratio must exceed about 6.2 (or fall below 1/6.2) to be resolved at 95%.
+observed ratio must exceed about 6.25 (or fall below 1/6.25) to be resolved at 95%.
 
 The F quantiles are Monte-Carlo quantiles of 200,000 draws from a generator keyed by the
 degrees of freedom (deterministic; relative error about 1% in the 2.5% tails). Seed scores
