@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import Field
 
@@ -112,14 +112,22 @@ class MoLEConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
-
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"MoLEConfig.{name}: {why} (got {getattr(self, name)!r})")
-
+        bad = self._bad
         if self.mode not in ("mole", "lora", "none"):
             bad("mode", "must be 'mole', 'lora' or 'none'")
         if self.mode == "none" and self.train_projector is not True:
             bad("train_projector", "mode 'none' trains only the projector: it must be true")
+        self._check_sizes()
+        self._check_choices()
+        self._check_targets()
+        self._check_routing()
+
+    def _bad(self, name: str, why: str) -> NoReturn:
+        raise ValueError(f"MoLEConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+    def _check_sizes(self) -> None:
+        """Ranks, expert counts, alpha, dropout and loss coefficients: types and ranges."""
+        bad = self._bad
         for name in ("rank", "num_experts", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,15 +148,19 @@ class MoLEConfig:
             bad("dropout", "must be in [0, 1)")
         if self.top_k > self.num_experts:
             bad("top_k", f"must be <= num_experts ({self.num_experts})")
+        for name in ("balance_coef", "router_z_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                bad(name, "must be a number >= 0")
+
+    def _check_choices(self) -> None:
+        """The gate, balance loss and dispatch, and what each choice needs."""
+        bad = self._bad
         if self.normalize_top_k and self.top_k == 1:
             bad(
                 "normalize_top_k",
                 "top_k=1 with renormalised weights gives the router no LM gradient",
             )
-        for name in ("balance_coef", "router_z_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                bad(name, "must be a number >= 0")
         if self.gate_weighting not in ("prob", "none", "straight"):
             bad("gate_weighting", "must be 'prob', 'none' or 'straight'")
         if self.balance_loss not in ("switch", "official"):
@@ -157,6 +169,10 @@ class MoLEConfig:
             bad("balance_coef", "must be > 0 with gate_weighting='none' (the router's only signal)")
         if self.dispatch not in ("auto", "loop", "grouped_mm", "dense", "triton"):
             bad("dispatch", "must be one of 'auto', 'loop', 'grouped_mm', 'dense', 'triton'")
+
+    def _check_targets(self) -> None:
+        """Target module names, and what trains besides the adapter."""
+        bad = self._bad
         for name in ("attn_targets", "mlp_targets"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
@@ -174,6 +190,10 @@ class MoLEConfig:
             bad("train_language_model", "must be true or false")
         if self.train_language_model and self.mode != "none":
             bad("train_language_model", "a full fine-tune is adapter type 'none' (no LoRA on top)")
+
+    def _check_routing(self) -> None:
+        """The router kind and the domains a domain router names."""
+        bad = self._bad
         if self.router not in ("linear", "domain"):
             bad("router", "must be 'linear' or 'domain'")
         if not isinstance(self.router_domains, tuple) or not all(
