@@ -55,126 +55,64 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 
-IMAGE_SIZE = 32
-_SUPERSAMPLE = 4  # draw at 128 px, box-downsample to 32 px: anti-aliased edges
-
-CODE_QUESTION = "What is the code for this image?"
-PRETRAIN_QUESTION = "Describe the image."
-
-#: The shared answer vocabulary of the code task. Deliberately disjoint from every caption
-#: word so that stage-1 pretraining never teaches the codes.
-CODE_WORDS: tuple[str, ...] = (
-    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
-    "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
-    "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray",
-    "yankee", "zulu", "gamma", "kappa", "sigma", "omega", "theta", "zeta",
-)  # fmt: skip
-
-ORDINALS: tuple[str, ...] = ("first", "second", "third", "fourth")
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
-
-# Saturated colours that stay distinct after downsampling to 32 px.
-SCENE_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35),
-    "green": (30, 175, 50),
-    "blue": (35, 75, 235),
-    "yellow": (245, 215, 25),
-    "purple": (150, 45, 205),
-    "cyan": (25, 205, 215),
-    "orange": (250, 130, 10),
-    "pink": (250, 110, 190),
-}
-# Ordered by how coarsely they differ: drawn large, the first three differ even at the level
-# of whole 8-px patches (square: corners filled, triangle: top empty, circle: corners empty).
-# 24 classes use these three, <= 16 classes only square and triangle (the easiest pair).
-SCENE_SHAPES: tuple[str, ...] = ("square", "triangle", "circle", "cross", "diamond", "ring")
-
-CHART_COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40),
-    "green": (35, 160, 60),
-    "blue": (40, 80, 220),
-    "orange": (245, 135, 20),
-    "purple": (140, 50, 190),
-    "cyan": (20, 180, 200),
-    "brown": (130, 80, 35),
-    "black": (30, 30, 30),
-}
-
-# (stain colour, True when fluorescent, i.e. bright cells on a dark background)
-CELL_STAINS: dict[str, tuple[tuple[int, int, int], bool]] = {
-    "purple": ((115, 45, 160), False),
-    "pink": ((225, 80, 155), False),
-    "brown": ((125, 70, 25), False),
-    "blue": ((60, 110, 255), True),
-    "green": ((40, 230, 70), True),
-    "red": ((245, 45, 45), True),
-    "yellow": ((240, 225, 40), True),
-    "cyan": ((30, 215, 230), True),
-}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One synthetic dataset (a domain of the mixture).
-
-    Attributes:
-        name: Folder and dataset name (``scenes``, ``charts``, ``cells``).
-        domain: Domain label stored in every sample and in the mixture YAML.
-        natural_question: The domain's natural (non-conflicting) question.
-        max_classes: Number of distinct classes the renderer supports.
-        code_question: The domain's wording of the code question (used with
-            ``make_data(code_questions="domain")``); names what the image shows.
-        subject: What the image shows, in one word; starts the code answer with
-            ``make_data(code_answers="domain")`` (``"slide xray"``).
-    """
-
-    name: str
-    domain: str
-    natural_question: str
-    max_classes: int
-    code_question: str = CODE_QUESTION
-    subject: str = "image"
-
-
-DATASETS: tuple[DatasetSpec, ...] = (
-    DatasetSpec(
-        "scenes",
-        "general",
-        "What colour is the shape?",
-        8 * 6,
-        "What is the code for this shape?",
-        "shape",
-    ),
-    DatasetSpec(
-        "charts",
-        "document",
-        "Which bar is tallest?",
-        4 * 8,
-        "What is the code for this chart?",
-        "chart",
-    ),
-    DatasetSpec(
-        "cells",
-        "biomedical",
-        "What stain is on the slide?",
-        2 * 2 * 8,
-        "What is the code for this slide?",
-        "slide",
-    ),
+from .classes import (
+    CELL_STAINS,
+    CHART_COLOURS,
+    CODE_QUESTION,
+    CODE_WORDS,
+    DATASET_NAMES,
+    DATASETS,
+    DOMAIN_OF,
+    MAX_CLASSES,
+    NUMBER_WORDS,
+    ORDINALS,
+    PRETRAIN_QUESTION,
+    SCENE_COLOURS,
+    SCENE_SHAPES,
+    DatasetSpec,
+    _check_num_classes,
+    class_attributes,
+    code_permutation,
+    dataset_spec,
+    natural_answer,
 )
-DATASET_NAMES: tuple[str, ...] = tuple(d.name for d in DATASETS)
-DOMAIN_OF: dict[str, str] = {d.name: d.domain for d in DATASETS}
-MAX_CLASSES: int = min(min(d.max_classes for d in DATASETS), len(CODE_WORDS))
+from .draw import IMAGE_SIZE, render
 
-# Caption templates per dataset; every word in them is covered by corpus_words().
+__all__ = [
+    "CELL_STAINS",
+    "CHART_COLOURS",
+    "CODE_QUESTION",
+    "CODE_WORDS",
+    "DATASETS",
+    "DATASET_NAMES",
+    "DOMAIN_OF",
+    "IMAGE_SIZE",
+    "MAX_CLASSES",
+    "NUMBER_WORDS",
+    "ORDINALS",
+    "PRETRAIN_QUESTION",
+    "SCENE_COLOURS",
+    "SCENE_SHAPES",
+    "DatasetSpec",
+    "caption_examples",
+    "caption_for",
+    "class_attributes",
+    "code_permutation",
+    "corpus_words",
+    "dataset_spec",
+    "make_data",
+    "natural_answer",
+    "render",
+    "write_mixture_yaml",
+]
+
 _CAPTIONS: dict[str, tuple[str, ...]] = {
     "scenes": (
         "A {size} {colour} {shape} on a {background} background.",
@@ -200,246 +138,8 @@ _CAPTION_EXTRA_WORDS = (
 )
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-    """Look up a dataset by folder name or domain label.
-
-    Args:
-        name: ``scenes``/``charts``/``cells`` or ``general``/``document``/``biomedical``.
-
-    Returns:
-        The matching :class:`DatasetSpec`.
-    """
-    for spec in DATASETS:
-        if name in (spec.name, spec.domain):
-            return spec
-    raise KeyError(f"unknown synthetic dataset {name!r}; expected one of {DATASET_NAMES}")
-
-
-def class_attributes(name: str, class_id: int) -> dict[str, Any]:
-    """Decode a class id into its visual factors.
-
-    In ``scenes`` and ``charts`` the factor of the natural task varies fastest, so any prefix
-    of the class list (``num_classes`` < max) covers every natural answer; in ``cells`` the
-    stain (the natural answer) varies slowest, so the first ``4 k`` classes use ``k`` stains.
-
-    Args:
-        name: Dataset name.
-        class_id: Class index in ``[0, max_classes)``.
-
-    Returns:
-        Dict with ``dataset`` and the class factors (e.g. ``colour``/``shape``).
-    """
-    spec = dataset_spec(name)
-    if not 0 <= class_id < spec.max_classes:
-        raise ValueError(f"class_id {class_id} out of range for {spec.name}")
-    if spec.name == "scenes":
-        colours = list(SCENE_COLOURS)
-        return {
-            "dataset": "scenes",
-            "colour": colours[class_id % len(colours)],
-            "shape": SCENE_SHAPES[class_id // len(colours)],
-        }
-    if spec.name == "charts":
-        return {
-            "dataset": "charts",
-            "tallest": class_id % 4,
-            "colour": list(CHART_COLOURS)[class_id // 4],
-        }
-    return {
-        "dataset": "cells",
-        "dense": bool(class_id % 2),
-        "large": bool((class_id // 2) % 2),
-        "stain": list(CELL_STAINS)[class_id // 4],
-    }
-
-
-def natural_answer(attrs: Mapping[str, Any]) -> str:
-    """Answer of the dataset's natural question, consistent across domains.
-
-    Args:
-        attrs: Attributes from :func:`class_attributes` or :func:`render`.
-
-    Returns:
-        A colour word, an ordinal (``first``..``fourth``) or a stain name.
-    """
-    name = attrs["dataset"]
-    if name == "scenes":
-        return str(attrs["colour"])
-    if name == "charts":
-        return ORDINALS[int(attrs["tallest"])]
-    return str(attrs["stain"])
-
-
-def code_permutation(name: str, seed: int = 0, num_classes: int = 24) -> list[str]:
-    """The domain-specific class -> code word mapping.
-
-    All domains use the same ``num_classes`` words (``CODE_WORDS[:num_classes]``), each in its
-    own seeded order; domains are guaranteed to get pairwise different orders.
-
-    Args:
-        name: Dataset name or domain label.
-        seed: World seed.
-        num_classes: Classes per domain.
-
-    Returns:
-        ``words`` with ``words[class_id]`` the code answer of that class.
-    """
-    _check_num_classes(num_classes)
-    target = dataset_spec(name).name
-    vocab = np.array(CODE_WORDS[:num_classes])
-    rng = np.random.default_rng([seed, 7919])
-    seen: list[list[str]] = []
-    # Draw sequentially so that a later domain can be re-drawn if it repeats an earlier one.
-    for spec in DATASETS:
-        perm = [str(w) for w in rng.permutation(vocab)]
-        while perm in seen:
-            perm = [str(w) for w in rng.permutation(vocab)]
-        if spec.name == target:
-            return perm
-        seen.append(perm)
-    raise AssertionError("unreachable")
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [2, {MAX_CLASSES}], got {num_classes}")
-
-
-# --------------------------------------------------------------------------------------
-# Rendering
-
-
-def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> tuple[int, ...]:
-    delta = rng.integers(-amount, amount + 1, size=3)
-    return tuple(int(c) for c in np.clip(np.array(rgb) + delta, 0, 255))
-
-
-def _finish(canvas: Image.Image, rng: np.random.Generator, noise: float) -> Image.Image:
-    """Downsample the supersampled canvas and add mild pixel noise."""
-    small = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-    arr = np.asarray(small, dtype=np.float32)
-    if noise > 0:
-        arr = arr + rng.normal(0.0, noise, size=arr.shape)
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
-
-
-def _render_scene(attrs: dict[str, Any], rng: np.random.Generator) -> Image.Image:
-    s = _SUPERSAMPLE
-    grey = int(rng.integers(95, 166))
-    background = _jitter(rng, (grey, grey, grey), 10)
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)
-    draw = ImageDraw.Draw(canvas)
-    # Large and near the centre: a shape then always covers the same 8-px patches, so its
-    # silhouette (not its position) is what the vision tower has to learn.
-    size = float(rng.uniform(23, 28))
-    half = size / 2
-    cx, cy = (IMAGE_SIZE / 2 + rng.uniform(-1.5, 1.5, size=2)).tolist()
-    x0, y0, x1, y1 = ((cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s)
-    fill = _jitter(rng, SCENE_COLOURS[attrs["colour"]], 12)
-    shape = attrs["shape"]
-    if shape == "square":
-        inset = size * 0.04 * s  # squares look bigger than circles of the same box
-        draw.rectangle((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=fill)
-    elif shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx * s, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "cross":
-        arm = size * s / 6
-        draw.rectangle((cx * s - arm, y0, cx * s + arm, y1), fill=fill)
-        draw.rectangle((x0, cy * s - arm, x1, cy * s + arm), fill=fill)
-    elif shape == "diamond":
-        draw.polygon([(cx * s, y0), (x1, cy * s), (cx * s, y1), (x0, cy * s)], fill=fill)
-    else:  # ring
-        draw.ellipse((x0, y0, x1, y1), outline=fill, width=int(size * s / 5))
-    attrs["size"] = "small" if size < 24.5 else ("large" if size >= 26.5 else "medium")
-    attrs["background"] = "dark grey" if grey < 115 else ("light grey" if grey > 145 else "grey")
-    return _finish(canvas, rng, noise=3.0)
-
-
 def _height_word(height: int) -> str:
     return "short" if height < 9 else ("medium" if height < 17 else "tall")
-
-
-def _render_chart(attrs: dict[str, Any], rng: np.random.Generator) -> Image.Image:
-    s = _SUPERSAMPLE
-    paper = int(rng.integers(238, 256))
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), (paper, paper, paper))
-    draw = ImageDraw.Draw(canvas)
-    base = 30
-    for y in (6, 14, 22):  # faint grid lines, table-like
-        draw.rectangle((1 * s, y * s, 32 * s, y * s + 1), fill=(205, 205, 205))
-    draw.rectangle((0, 0, s - 1, base * s), fill=(60, 60, 60))
-    draw.rectangle((0, base * s, 32 * s, (base + 1) * s - 1), fill=(60, 60, 60))
-    tallest = int(attrs["tallest"])
-    # Bar k sits inside patch column k (8 px patches) and only the tallest bar reaches the
-    # top patch row: the answer is visible to single patches of the vision tower.
-    top = int(rng.integers(24, 29))
-    heights = [top if k == tallest else int(rng.integers(5, 17)) for k in range(4)]
-    fill = _jitter(rng, CHART_COLOURS[attrs["colour"]], 10)
-    for k, h in enumerate(heights):
-        x0 = 8 * k + 2
-        draw.rectangle((x0 * s, (base - h) * s, (x0 + 5) * s - 1, base * s - 1), fill=fill)
-    attrs["heights"] = heights
-    return _finish(canvas, rng, noise=2.0)
-
-
-def _render_cells(attrs: dict[str, Any], rng: np.random.Generator) -> Image.Image:
-    s = _SUPERSAMPLE
-    stain, fluorescent = CELL_STAINS[attrs["stain"]]
-    if fluorescent:
-        background = _jitter(rng, (12, 12, 16), 6)
-    else:
-        background = _jitter(rng, (238, 228, 234), 6)
-    canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)
-    draw = ImageDraw.Draw(canvas)
-    large, dense = bool(attrs["large"]), bool(attrs["dense"])
-    if large:
-        count = int(rng.integers(10, 15) if dense else rng.integers(2, 5))
-    else:
-        count = int(rng.integers(18, 27) if dense else rng.integers(3, 7))
-    for _ in range(count):
-        r = float(rng.uniform(3.0, 4.2) if large else rng.uniform(1.3, 2.0))
-        aspect = float(rng.uniform(0.8, 1.25))
-        cx, cy = rng.uniform(r, IMAGE_SIZE - r, size=2)
-        box = (
-            (cx - r * aspect) * s,
-            (cy - r / aspect) * s,
-            (cx + r * aspect) * s,
-            (cy + r / aspect) * s,
-        )
-        colour = _jitter(rng, stain, 20)
-        draw.ellipse(box, fill=colour)
-        if large:  # a nucleus: darker in brightfield, brighter under fluorescence
-            factor = 1.35 if fluorescent else 0.55
-            nucleus = tuple(int(min(255, c * factor)) for c in colour)
-            q = r * 0.45
-            draw.ellipse(((cx - q) * s, (cy - q) * s, (cx + q) * s, (cy + q) * s), fill=nucleus)
-    attrs["count"] = count
-    attrs["background"] = "dark" if fluorescent else "light"
-    return _finish(canvas, rng, noise=6.0)
-
-
-_RENDERERS = {"scenes": _render_scene, "charts": _render_chart, "cells": _render_cells}
-
-
-def render(
-    name: str, class_id: int, rng: np.random.Generator
-) -> tuple[Image.Image, dict[str, Any]]:
-    """Draw one 32x32 RGB image of a class.
-
-    Args:
-        name: Dataset name or domain label.
-        class_id: Class index (see :func:`class_attributes`).
-        rng: Source of all randomness (position, size, jitter, noise).
-
-    Returns:
-        ``(image, attrs)``: the image and its class factors plus rendering details used by
-        :func:`caption_for` (size, bar heights, cell count, background).
-    """
-    attrs = class_attributes(name, class_id)
-    image = _RENDERERS[attrs["dataset"]](attrs, rng)
-    return image, attrs
 
 
 def caption_for(attrs: Mapping[str, Any], rng: np.random.Generator | None = None) -> str:

@@ -273,7 +273,8 @@ def _source_fingerprint() -> str:
     """
     digest = hashlib.sha256(BUILD_SPEC_VERSION.encode())
     here = Path(__file__)
-    for path in (here, here.with_name("pretrain.py"), Path(synthetic.__file__)):
+    for name in ("tiny.py", "pretrain.py", "synthetic.py", "classes.py", "draw.py"):
+        path = here.with_name(name)
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
 

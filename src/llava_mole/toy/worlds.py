@@ -45,17 +45,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from llava_mole.toy import WORLD_NAMES
-from llava_mole.toy.synthetic import (
-    _SUPERSAMPLE,
-    CODE_WORDS,
-    IMAGE_SIZE,
-    NUMBER_WORDS,
-    PRETRAIN_QUESTION,
-    SCENE_COLOURS,
-    _finish,
-    _jitter,
-    write_mixture_yaml,
-)
+from llava_mole.toy.classes import CODE_WORDS, NUMBER_WORDS, PRETRAIN_QUESTION, SCENE_COLOURS
+from llava_mole.toy.draw import IMAGE_SIZE, SUPERSAMPLE, finish, jitter
+from llava_mole.toy.synthetic import write_mixture_yaml
 
 __all__ = ["WORLDS", "WorldDomain", "make_world"]
 
@@ -103,7 +95,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[float], **s
 
 
 def _centred_box(rng: np.random.Generator, lo: float, hi: float) -> tuple[float, ...]:
-    s = _SUPERSAMPLE
+    s = SUPERSAMPLE
     half = float(rng.uniform(lo, hi)) / 2
     cx, cy = (IMAGE_SIZE / 2 + rng.uniform(-2.0, 2.0, size=2)).tolist()
     return ((cx - half) * s, (cy - half) * s, (cx + half) * s, (cy + half) * s)
@@ -111,26 +103,26 @@ def _centred_box(rng: np.random.Generator, lo: float, hi: float) -> tuple[float,
 
 def _render_style(style: str, colour: str, shape: str, rng: np.random.Generator) -> Image.Image:
     """One object in one of the styles world's three styles."""
-    s, rgb = _SUPERSAMPLE, SCENE_COLOURS[colour]
+    s, rgb = SUPERSAMPLE, SCENE_COLOURS[colour]
     if style == "flat":
         grey = int(rng.integers(100, 161))
-        canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, _jitter(rng, (grey,) * 3, 8))
+        canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, jitter(rng, (grey,) * 3, 8))
         _draw_shape(
-            ImageDraw.Draw(canvas), shape, _centred_box(rng, 20, 27), fill=_jitter(rng, rgb, 12)
+            ImageDraw.Draw(canvas), shape, _centred_box(rng, 20, 27), fill=jitter(rng, rgb, 12)
         )
-        return _finish(canvas, rng, noise=3.0)
+        return finish(canvas, rng, noise=3.0)
     if style == "sketch":
-        canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, _jitter(rng, (245, 245, 240), 6))
+        canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, jitter(rng, (245, 245, 240), 6))
         width = int(rng.integers(2 * s, 3 * s))
         _draw_shape(
             ImageDraw.Draw(canvas), shape, _centred_box(rng, 18, 26), outline=rgb, width=width
         )
-        return _finish(canvas, rng, noise=2.0)
-    canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, _jitter(rng, (12, 12, 18), 6))
+        return finish(canvas, rng, noise=2.0)
+    canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, jitter(rng, (12, 12, 18), 6))
     bright = tuple(min(255, int(c * 0.6 + 110)) for c in rgb)
     _draw_shape(ImageDraw.Draw(canvas), shape, _centred_box(rng, 16, 24), fill=bright)
     canvas = canvas.filter(ImageFilter.GaussianBlur(radius=1.5 * s))
-    return _finish(canvas, rng, noise=6.0)
+    return finish(canvas, rng, noise=6.0)
 
 
 def _render_row(rng: np.random.Generator) -> tuple[Image.Image, list[dict[str, Any]]]:
@@ -139,9 +131,9 @@ def _render_row(rng: np.random.Generator) -> tuple[Image.Image, list[dict[str, A
     colours = [COLOURS[i] for i in rng.permutation(len(COLOURS))[:n]]
     sizes = [_SIZE_STEPS[i] for i in rng.permutation(len(_SIZE_STEPS))[:n]]
     slot = IMAGE_SIZE / n
-    s = _SUPERSAMPLE
+    s = SUPERSAMPLE
     grey = int(rng.integers(110, 151))
-    canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, _jitter(rng, (grey,) * 3, 8))
+    canvas = Image.new("RGB", (IMAGE_SIZE * s,) * 2, jitter(rng, (grey,) * 3, 8))
     draw = ImageDraw.Draw(canvas)
     objects = []
     for k, (colour, size) in enumerate(zip(colours, sizes)):
@@ -149,9 +141,9 @@ def _render_row(rng: np.random.Generator) -> tuple[Image.Image, list[dict[str, A
         cx = slot * (k + 0.5) + float(rng.uniform(-0.15, 0.15)) * max(0.0, slot - size)
         cy = IMAGE_SIZE / 2 + float(rng.uniform(-4, 4))
         box = ((cx - size / 2) * s, (cy - size / 2) * s, (cx + size / 2) * s, (cy + size / 2) * s)
-        _draw_shape(draw, shape, box, fill=_jitter(rng, SCENE_COLOURS[colour], 10))
+        _draw_shape(draw, shape, box, fill=jitter(rng, SCENE_COLOURS[colour], 10))
         objects.append({"colour": colour, "shape": shape, "size": size})
-    return _finish(canvas, rng, noise=3.0), objects
+    return finish(canvas, rng, noise=3.0), objects
 
 
 # ------------------------------------------------------------------------------- worlds
