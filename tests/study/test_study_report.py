@@ -325,6 +325,31 @@ def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
     )
     assert "larger beyond the interval." in report
     assert "| mix_mole | 3 | 0.375 | 0.200–0.850 |" in report
+    # The macro score of every seed, in seed order (what the std is computed from).
+    assert "| setting | seed 0 | seed 1 | seed 2 |" in report
+    assert "| mix_mole | 0.850 | 0.200 | 0.850 |" in report
+
+
+def test_per_seed_scores_mark_a_seed_without_every_domain():
+    from llava_mole.study.config import StudyConfig
+
+    domains = ["general", "document"]
+    study = StudyConfig(
+        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1, 2]
+    )
+    records = _fake_records(domains, [0, 1, 2])
+    for r in records:
+        for seed, d in enumerate(r["eval"]["per_domain"].values()):
+            d["score"] = 0.5 + 0.1 * r["seed"] + 0.01 * seed
+    # single's seed 1 lost its document run: that seed has no macro score.
+    records = [
+        r
+        for r in records
+        if not (r["setting"] == "single" and r["domain"] == "document" and r["seed"] == 1)
+    ]
+    report = render_report(build_results(study, [RunOutput(**r) for r in records]))
+    assert "| mix_lora | 0.505 | 0.605 | 0.705 |" in report
+    assert "| single | 0.500 | – | 0.700 |" in report  # each single run scores its domain only
 
 
 def test_loss_limits_ignore_the_first_logged_losses_and_outliers():

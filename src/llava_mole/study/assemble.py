@@ -106,13 +106,11 @@ def setting_scores(
             if _counts_for(run, d):
                 per_seed[run.seed][d] = score
     columns = {d: summarize([per_seed[s][d] for s in seeds if d in per_seed[s]]) for d in domains}
-    macro = [
-        statistics.fmean(per_seed[s][d] for d in domains)
-        for s in seeds
-        if all(d in per_seed[s] for d in domains)
-    ]
-    columns[MACRO] = summarize(macro)
-    return SettingScores(columns, seeds)
+    complete = [s for s in seeds if all(d in per_seed[s] for d in domains)]
+    columns[MACRO] = summarize(
+        [statistics.fmean(per_seed[s][d] for d in domains) for s in complete]
+    )
+    return SettingScores(columns, seeds, complete)
 
 
 def item_matrices(

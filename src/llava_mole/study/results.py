@@ -119,15 +119,27 @@ class DerivedColumn:
 
 @dataclass
 class SettingScores:
-    """One setting's :class:`ScoreSummary` per column (domains and macro), over ``seeds``."""
+    """One setting's :class:`ScoreSummary` per column (domains and macro), over ``seeds``.
+
+    ``macro_seeds`` are the seeds with a score on every domain, the macro column's seeds (empty:
+    all of ``seeds``).
+    """
 
     columns: dict[str, ScoreSummary]
     seeds: list[int]
+    macro_seeds: list[int] = field(default_factory=list)
+
+    def macro_by_seed(self) -> dict[int, float]:
+        """``{seed: macro score}`` for the seeds that have one."""
+        seeds = self.macro_seeds or self.seeds
+        scores = self.columns[MACRO].scores
+        return dict(zip(seeds, scores, strict=True)) if len(seeds) == len(scores) else {}
 
     def to_json(self) -> dict[str, Any]:
-        """``{column: summary, ..., "seeds": [...]}``."""
+        """``{column: summary, ..., "seeds": [...], "macro_seeds": [...]}``."""
         out: dict[str, Any] = {c: s.to_json() for c, s in self.columns.items()}
         out["seeds"] = list(self.seeds)
+        out["macro_seeds"] = list(self.macro_seeds or self.seeds)
         return out
 
 

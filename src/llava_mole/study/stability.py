@@ -11,7 +11,7 @@ from .settings import by_role
 from .spread import SpreadRatio, f_quantiles, spread_ratio
 
 if TYPE_CHECKING:
-    from .results import StudyResults
+    from .results import SettingScores, StudyResults
 
 __all__ = ["stability_lines"]
 
@@ -37,6 +37,7 @@ def stability_lines(results: StudyResults) -> list[str]:
             f"| {name} | {len(s.seeds)} | {macro.std:.3f} | {macro.min:.3f}–{macro.max:.3f} "
             f"| {s.columns[worst].std:.3f} ({worst}) |"
         )
+    lines += ["", *_per_seed_table(scored)]
     mixed = scored.get(by_role("mixed").name)
     moles = [n for n in scored if n in results.setup.settings and _is_mole(results, n)]
     if mixed is None or not moles:
@@ -52,6 +53,22 @@ def stability_lines(results: StudyResults) -> list[str]:
             + _spread_clause(spread_ratio(macro.scores, ref.scores, confidence))
         )
     return lines + ["", _spread_note(len(scored[moles[0]].seeds), len(mixed.seeds), confidence)]
+
+
+def _per_seed_table(scored: dict[str, SettingScores]) -> list[str]:
+    """Each setting's macro score per seed (what the spread is computed from)."""
+    seeds = sorted({seed for s in scored.values() for seed in s.seeds})
+    lines = [
+        "Macro score per seed:",
+        "",
+        "| setting | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+        "|---|" + "---:|" * len(seeds),
+    ]
+    for name, s in scored.items():
+        by_seed = s.macro_by_seed()  # a seed without every domain's run has no macro score
+        cells = [f"{by_seed[k]:.3f}" if k in by_seed else "–" for k in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _spread_note(n_mole: int, n_lora: int, confidence: float) -> str:
