@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import MoLEConfig
 from .inject import PROJECTOR_NAME, AdapterError
 from .io import atomic_save_tensors, atomic_write_bytes, read_adapter_config, read_adapter_tensors
 
@@ -72,45 +75,74 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
             "to PEFT: its experts are chosen per token by a router, which PEFT LoRA has no "
             "place for (export works for mode='lora' or num_experts=1)"
         )
-    tensors = read_adapter_tensors(adapter_dir)
-    out: dict[str, torch.Tensor] = {}
-    targets: list[str] = []
-    ranks: dict[str, int] = {}
     # Adapters saved before ``projector_modules`` existed are LLaVA-1.5 style.
-    projector_modules = payload.get("projector_modules") or []
-    trained_projector: set[str] = set()
+    tensors = _peft_tensors(
+        adapter_dir, read_adapter_tensors(adapter_dir), payload.get("projector_modules") or []
+    )
+    peft_config = _peft_config(config, payload, tensors)
+    out = tensors.tensors
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(out_dir / "adapter_model.safetensors", out, metadata={"format": "pt"})
+    atomic_write_bytes(
+        out_dir / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode()
+    )
+    return out_dir
+
+
+@dataclass
+class _PeftTensors:
+    """An adapter's tensors under PEFT's names, and what PEFT's config must say of them."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    ranks: dict[str, int] = field(default_factory=dict)
+    trained_projector: set[str] = field(default_factory=set)
+
+
+def _peft_tensors(
+    adapter_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], projector_modules: list[str]
+) -> _PeftTensors:
+    """LoRA pairs, one-expert MoLE pairs and projector weights, renamed for PEFT."""
+    result = _PeftTensors()
+    out = result.tensors
     for key, value in tensors.items():
         if key.endswith(".lora_A") or key.endswith(".lora_B"):
             module, kind = key[:-7], key[-1]
             out[f"{_PEFT_PREFIX}{module}.lora_{kind}.weight"] = value.contiguous()
             if kind == "A":
-                targets.append(module)
-                ranks[module] = value.shape[0]
+                result.targets.append(module)
+                result.ranks[module] = value.shape[0]
             continue
         split = _split_expert_key(key)
         if split is not None:
             mlp, kind, proj = split
             out[f"{_PEFT_PREFIX}{mlp}.{proj}.lora_{kind}.weight"] = value[0].contiguous()
             if kind == "A":
-                targets.append(f"{mlp}.{proj}")
-                ranks[f"{mlp}.{proj}"] = value.shape[1]
+                result.targets.append(f"{mlp}.{proj}")
+                result.ranks[f"{mlp}.{proj}"] = value.shape[1]
             continue
         root = _projector_root(key, projector_modules)
         if root is not None:
             out[f"{_PEFT_PREFIX}{key}"] = value.contiguous()
             # PEFT matches modules_to_save as a suffix of the module name.
-            trained_projector.add(root.removeprefix("model."))
+            result.trained_projector.add(root.removeprefix("model."))
             continue
         raise AdapterError(f"{adapter_dir}: tensor {key!r} has no PEFT LoRA equivalent")
-    peft_config = {
+    return result
+
+
+def _peft_config(config: MoLEConfig, payload: dict[str, Any], tensors: _PeftTensors) -> dict:
+    """PEFT's ``adapter_config.json`` for the renamed tensors."""
+    return {
         "peft_type": "LORA",
         "task_type": None,
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": sorted(targets),
-        **_patterns(ranks, config.rank, config.scaling),
-        "modules_to_save": sorted(trained_projector) or None,
+        "target_modules": sorted(tensors.targets),
+        **_patterns(tensors.ranks, config.rank, config.scaling),
+        "modules_to_save": sorted(tensors.trained_projector) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -119,10 +151,3 @@ def export_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike) -> P
         "base_model_name_or_path": payload.get("base_model", {}).get("name_or_path"),
         "inference_mode": True,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(out_dir / "adapter_model.safetensors", out, metadata={"format": "pt"})
-    atomic_write_bytes(
-        out_dir / "adapter_config.json", (json.dumps(peft_config, indent=2) + "\n").encode()
-    )
-    return out_dir
