@@ -306,20 +306,27 @@ def test_report_names_the_2x_control_by_what_it_doubled():
     assert "give its datasets a smaller `take` for a 2× samples control" in same
 
 
-def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
+def _three_seed_report(score, keep=lambda record: True) -> str:
+    """The report of a 2-domain, 3-seed fake study; ``score(record, domain index)`` or None."""
     from llava_mole.study.config import StudyConfig
 
     domains = ["general", "document"]
     study = StudyConfig(
         path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1, 2]
     )
-    records = _fake_records(domains, [0, 1, 2])
+    records = [r for r in _fake_records(domains, [0, 1, 2]) if keep(r)]
     for r in records:
-        if r["setting"] == "mix_mole":  # one collapsed seed
-            score = 0.2 if r["seed"] == 1 else 0.85
-            for d in r["eval"]["per_domain"].values():
-                d["score"] = score
-    report = render_report(build_results(study, [RunOutput(**r) for r in records]))
+        for i, d in enumerate(r["eval"]["per_domain"].values()):
+            value = score(r, i)
+            d["score"] = d["score"] if value is None else value
+    return render_report(build_results(study, [RunOutput(**r) for r in records]))
+
+
+def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
+    def collapsed(r, _):  # MoLE's seed 1 collapses
+        return (0.2 if r["seed"] == 1 else 0.85) if r["setting"] == "mix_mole" else None
+
+    report = _three_seed_report(collapsed)
     assert "- `mix_mole`: macro seed std 0.375, larger than mixed LoRA's (0.010); std ratio " in (
         report
     )
@@ -331,23 +338,10 @@ def test_seed_stability_flags_a_mole_spread_larger_than_mixed_lora():
 
 
 def test_per_seed_scores_mark_a_seed_without_every_domain():
-    from llava_mole.study.config import StudyConfig
+    def lost(r):  # single's seed 1 lost its document run: that seed has no macro score
+        return not (r["setting"] == "single" and r["domain"] == "document" and r["seed"] == 1)
 
-    domains = ["general", "document"]
-    study = StudyConfig(
-        path=None, model=Path("/m"), mixture=Path("/mix.yaml"), domains=domains, seeds=[0, 1, 2]
-    )
-    records = _fake_records(domains, [0, 1, 2])
-    for r in records:
-        for seed, d in enumerate(r["eval"]["per_domain"].values()):
-            d["score"] = 0.5 + 0.1 * r["seed"] + 0.01 * seed
-    # single's seed 1 lost its document run: that seed has no macro score.
-    records = [
-        r
-        for r in records
-        if not (r["setting"] == "single" and r["domain"] == "document" and r["seed"] == 1)
-    ]
-    report = render_report(build_results(study, [RunOutput(**r) for r in records]))
+    report = _three_seed_report(lambda r, i: 0.5 + 0.1 * r["seed"] + 0.01 * i, keep=lost)
     assert "| mix_lora | 0.505 | 0.605 | 0.705 |" in report
     assert "| single | 0.500 | – | 0.700 |" in report  # each single run scores its domain only
 
