@@ -443,7 +443,7 @@ def test_unsupported_combinations_are_one_line(
 def test_fsdp_wrap_class_must_exist_in_the_model(tiny_world, tmp_path):
     from llava_mole.models.loading import load_model_and_processor
     from llava_mole.train.config import ConfigError
-    from llava_mole.train.distributed import check_model
+    from llava_mole.train.engines import check_model
 
     bad = tmp_path / "fsdp.json"
     bad.write_text(json.dumps({"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}))

@@ -82,7 +82,7 @@ def trainer_fields() -> dict[str, Any]:
 
 def _renamed(config: TrainConfig, has_cuda: bool) -> dict[str, Any]:
     """The Trainer fields set from keys of ``train:`` under our names."""
-    from . import distributed
+    from . import engines
 
     t = config.train
     multi_cpu = not has_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -105,7 +105,7 @@ def _renamed(config: TrainConfig, has_cuda: bool) -> dict[str, Any]:
         ddp_backend="gloo" if multi_cpu else None,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         dataloader_num_workers=t.num_workers,
-        **distributed.fsdp_arguments(config),
+        **engines.fsdp_arguments(config),
     )
     if t.gradient_checkpointing:
         kwargs["activation_checkpointing"] = True

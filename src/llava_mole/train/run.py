@@ -38,7 +38,7 @@ from ..data.mixture import MixtureConfig, build_datasets, load_mixture
 from ..data.templates import prompt_format
 from ..models.loading import load_model_and_processor
 from ..paths import not_found_or, path_problem
-from . import distributed
+from . import distributed, engines
 from ._hf_compat import load_checkpoint_state
 from .arguments import MoLETrainingArguments, training_arguments
 from .callbacks import JsonlLogger, RouterCollapseMonitor, StopAfterSteps
@@ -106,7 +106,7 @@ def train(config: TrainConfig | str | Path, overrides: list[str] | None = None) 
     if path_problem(config.data.mixture, "file"):
         missing = f"file not found: {config.data.mixture} (run `llava-mole make-data`?)"
         raise ConfigError(f"data.mixture: {not_found_or(config.data.mixture, 'file', missing)}")
-    distributed.check_engines(config)  # one line before any process loads a model
+    engines.check_engines(config)  # one line before any process loads a model
     with run_lock(config.output_dir):
         return _train_locked(config)
 
@@ -126,7 +126,7 @@ def _train_locked(config: TrainConfig) -> TrainResult:
     mixture = load_mixture(config.data.mixture)
     adapter = resolve_adapter(config, mixture)  # complete before it is injected
     model, processor = setup_model(config, adapter)
-    distributed.check_model(config, model)
+    engines.check_model(config, model)
     dataset, report = setup_data(config, mixture, processor)
     dataset, dev = split_dev(config, dataset)
     args = training_arguments_or_error(config)
@@ -173,7 +173,7 @@ def setup_model(config: TrainConfig, adapter: MoLEConfig) -> tuple[torch.nn.Modu
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()  # fp32 master weights; autocast runs the math in bf16
-    if distributed.zero_stage(config) == 3 and any(isinstance(m, MoLEMLP) for m in model.modules()):
+    if engines.zero_stage(config) == 3 and any(isinstance(m, MoLEMLP) for m in model.modules()):
         # Routing picks experts per token: ZeRO-3 gathers a MoLE block's parameters as a whole
         # instead of tracing which expert tensors a forward touches.
         from deepspeed.utils import set_z3_leaf_modules
