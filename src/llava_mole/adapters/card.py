@@ -23,9 +23,11 @@ def _method(mole: dict[str, Any]) -> str:
     if mole.get("mode") == "lora":
         return f"plain LoRA (rank {rank} on attention, rank {mlp_rank} on the MLP)"
     experts = mole.get("num_experts")
+    shared = mole.get("shared_rank") or 0
+    beside = f" beside a shared (always-on) LoRA of rank {shared}" if shared else ""
     return (
         f"sparse Mixture of LoRA Experts (LLaVA-MoLE, arXiv 2401.16160): LoRA rank {rank} on "
-        f"attention, {experts} LoRA experts of rank {mlp_rank} per MLP block, top-"
+        f"attention, {experts} LoRA experts of rank {mlp_rank} per MLP block{beside}, top-"
         f"{mole.get('top_k')} router ({mole.get('router')}), gate weighting "
         f"{mole.get('gate_weighting')!r}"
     )

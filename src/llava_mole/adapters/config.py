@@ -44,6 +44,11 @@ class MoLEConfig:
         alpha: LoRA scaling numerator; deltas are scaled by ``alpha / rank``.
         dropout: dropout on the LoRA input.
         num_experts: experts per MLP block (``K``). ``1`` behaves exactly as plain LoRA.
+        shared_rank: rank of a *shared expert*: an always-on LoRA on the MoLE block's MLP
+            projections that every token uses beside its routed expert(s), with the gate 1
+            (as in DeepSeekMoE's shared experts); ``0`` (the default) has none, as the paper.
+            Its scale is ``alpha / rank`` like every other adapter here. It needs
+            ``mode="mole"`` and ``num_experts >= 2`` (beside one expert, raise ``mlp_rank``).
         top_k: experts per token (the paper uses 1).
         normalize_top_k: renormalise the top-k weights to sum to one. Never with ``top_k=1``:
             a renormalised single weight is constantly 1 and cuts the router's LM gradient.
@@ -87,6 +92,7 @@ class MoLEConfig:
     alpha: Float = 32.0
     dropout: Float = 0.05
     num_experts: Int = 3
+    shared_rank: Int = 0
     top_k: Int = 1
     normalize_top_k: Bool = False
     balance_coef: Float = 0.01
@@ -138,6 +144,12 @@ class MoLEConfig:
             or self.mlp_rank < 1
         ):
             bad("mlp_rank", "must be an integer >= 1 or null")
+        if (
+            isinstance(self.shared_rank, bool)
+            or not isinstance(self.shared_rank, int)
+            or self.shared_rank < 0
+        ):
+            bad("shared_rank", "must be an integer >= 0")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             bad("alpha", "must be a number")
         if self.alpha <= 0:
@@ -200,6 +212,12 @@ class MoLEConfig:
             isinstance(v, str) and v for v in self.router_domains
         ):
             bad("router_domains", "must be a list of domain names")
+        if self.shared_rank and (self.mode != "mole" or self.num_experts < 2):
+            bad(
+                "shared_rank",
+                "a shared expert sits beside routed ones: it needs type 'mole' and "
+                "num_experts >= 2 (for a larger single MLP adapter raise mlp_rank)",
+            )
         if self.router == "domain" and self.mode != "mole":
             bad("router", "'domain' routing is for MoLE adapters (mode='mole')")
         if self.router == "domain" and self.num_experts < 2:

@@ -6,7 +6,8 @@ computes, for a token routed to expert ``e``,
 
     down_e(act(gate_e(x)) * up_e(x)),   P_e = W_P + (alpha / r) B_P^e A_P^e  for P in gate, up, down
 
-i.e. a full SwiGLU MLP whose weights are the base plus expert ``e``'s merged LoRA. A Mixtral
+i.e. a full SwiGLU MLP whose weights are the base plus expert ``e``'s merged LoRA (plus the
+shared expert's, which every token uses, when ``shared_rank > 0``). A Mixtral
 sparse-MoE block with ``num_experts_per_tok=1`` computes exactly that: its router is a
 bias-free ``Linear(d, K)``, it picks the arg-max of the softmax and renormalises the single
 top-k weight to 1.0. So the export is exact: the MoLE router becomes the MoE gate, each expert's
@@ -34,6 +35,7 @@ from torch import nn
 
 from .config import MoLEConfig
 from .inject import AdapterError, adapter_info, unwrap
+from .lora import LoRALinear
 from .merge import expert_delta, fold_lora
 from .mole import MoLEMLP
 
@@ -113,11 +115,19 @@ def mixtral_text_config(text: Any, num_experts: int) -> Any:
     )
 
 
+def _projection_weight(projection: nn.Module) -> torch.Tensor:
+    """A block projection's weight in float32, with its shared expert (if any) folded in."""
+    weight = projection.weight.detach().float()
+    if isinstance(projection, LoRALinear) and not projection.merged:
+        weight = weight + projection.delta_weight().float()
+    return weight
+
+
 def _moe_tensors(block: MoLEMLP, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The Mixtral block's router and fused expert weights for one MoLE block."""
     experts: dict[str, list[torch.Tensor]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
     for name, weights in experts.items():
-        base = getattr(block, name).weight.detach().float()
+        base = _projection_weight(getattr(block, name))
         for e in range(block.num_experts):
             delta = expert_delta(block, name, e) if name in block.targets else 0.0
             weights.append((base + delta).to(dtype))

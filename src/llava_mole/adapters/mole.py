@@ -10,6 +10,10 @@ and every adapted projection ``P`` becomes
     P(h) + g * (alpha / r) * B_P^e A_P^e dropout(h)
 
 with the same ``e`` for gate, up and down (``down`` sees the SwiGLU product of that token).
+With ``shared_rank > 0`` every adapted projection also carries a *shared expert*, an ungated
+plain LoRA every token uses: ``P(h) + (alpha / r) B_P^s A_P^s dropout(h) + g * (...)^e``
+(the projection is a :class:`~.lora.LoRALinear`, so merging and exports treat it as the
+attention LoRA).
 With ``top_k > 1`` the token sums the deltas of its ``k`` most probable experts, each gated by
 its probability (renormalised over the ``k`` if ``normalize_top_k``); with
 ``gate_weighting="none"`` every gate is 1 and the router learns from the balance loss only;
@@ -37,7 +41,7 @@ from torch import nn
 from .config import MoLEConfig
 from .dispatch import Routing, choose_path, route, router_logits
 from .experts import ExpertDeltas, SingleExpert, expert_deltas
-from .lora import init_lora_pair
+from .lora import LoRALinear, init_lora_pair
 from .state import MoLEState
 
 
@@ -112,6 +116,20 @@ class MoLEMLP(nn.Module):
             else None
         )
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.shared_rank:
+            self._add_shared_expert(config)
+
+    def _add_shared_expert(self, config: MoLEConfig) -> None:
+        """Wrap each adapted projection in an ungated LoRA of rank ``shared_rank``.
+
+        ``original`` keeps the plain projections, so ``unload`` restores the block unchanged.
+        ``_fuse`` stays as computed for the plain layers: a LoRALinear returns a fresh tensor
+        that its backward does not keep, so the expert deltas may still be added in place.
+        """
+        rank = config.shared_rank
+        for name in self.targets:
+            base = getattr(self, name)
+            setattr(self, name, LoRALinear(base, rank, config.scaling * rank, config.dropout))
 
     def route(
         self, flat: torch.Tensor, top_k: int | None = None, gate_weighting: str | None = None
