@@ -20,8 +20,8 @@ from llava_mole.adapters.inject import adapter_info, unload
 from llava_mole.adapters.io import atomic_write_bytes, record_evaluation
 from llava_mole.adapters.merge import merge_and_save, merge_and_unload
 from llava_mole.adapters.moe_export import export_moe
+from llava_mole.adapters.observe import enable_routing_stats, routing_stats
 from llava_mole.adapters.peft_export import export_peft
-from llava_mole.adapters.state import enable_routing_stats, routing_stats
 from tests.tiny_models import build_llama, build_llava, llava_batch, randomize_adapter
 
 

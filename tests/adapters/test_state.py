@@ -1,4 +1,4 @@
-"""Routing state (adapters/state.py): balance and z-loss terms, checkpointing, routing stats."""
+"""Routing state (adapters/state.py, observe.py): balance and z-loss terms, checkpointing, routing stats."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from llava_mole import MoLEConfig, apply_mole
-from llava_mole.adapters.state import capture_routing, enable_routing_stats, get_state
+from llava_mole.adapters.observe import capture_routing, enable_routing_stats
+from llava_mole.adapters.state import get_state
 from llava_mole.eval.routing import routing_picture
 from tests.models import family_zoo as zoo
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from llava_mole.adapters.io import load_adapter
-from llava_mole.adapters.state import trace_routing
+from llava_mole.adapters.observe import trace_routing
 from llava_mole.data.templates import build_prompt_for_generation
 from llava_mole.eval.decoding import DecodeParams, generate_batch
 from llava_mole.eval.generate import generate_answers

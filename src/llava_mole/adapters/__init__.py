@@ -15,15 +15,8 @@ from .lora import LoRALinear
 from .merge import merge_and_save, merge_and_unload
 from .moe_export import export_moe
 from .mole import MoLEMLP
-from .state import (
-    enable_routing_stats,
-    mole_aux_loss,
-    routing_stats,
-    routing_summary,
-    set_dense_routing,
-    set_routing_domains,
-    set_token_tags,
-)
+from .observe import enable_routing_stats, routing_stats, routing_summary, set_token_tags
+from .state import mole_aux_loss, set_dense_routing, set_routing_domains
 
 __all__ = [
     "AdapterError",

@@ -28,7 +28,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from llava_mole.adapters.state import RoutingTrace, trace_routing
+from llava_mole.adapters.observe import RoutingTrace, trace_routing
 from llava_mole.data.templates import get_tokenizer
 from llava_mole.eval.batching import (
     ImageInput,

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.io import atomic_write_bytes
-from ..adapters.state import RoutingCapture, capture_routing, get_state, set_routing_domains
+from ..adapters.observe import RoutingCapture, capture_routing
+from ..adapters.state import get_state, set_routing_domains
 from ..data.formats import ASSISTANT, IMAGE_PLACEHOLDER, Sample
 from ..data.image_inputs import image_inputs_for, image_size
 from ..data.images import ImageLoadError, load_image, pixel_values

@@ -1,7 +1,7 @@
 """The routing picture of an evaluation: which experts each domain's tokens go to.
 
 One teacher-forced forward per batch (prompt + reference answer, right padding) inside
-:func:`llava_mole.adapters.state.capture_routing` counts, per MoLE block, domain and token kind
+:func:`llava_mole.adapters.observe.capture_routing` counts, per MoLE block, domain and token kind
 (text / image / answer), the tokens sent to each expert; :func:`routing_picture` turns the
 counts into shares. A position counts as ``answer`` when its *next* token is a reference-answer
 token (the position that produces it), as generation's routing does.
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.state import TOKEN_KINDS, RoutingCapture
+from ..adapters.observe import RoutingCapture
+from ..adapters.state import TOKEN_KINDS
 from ..data.templates import get_tokenizer
 from .batching import ImageInput, image_batch, model_device, model_dtype, pad_token_id
 

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
 from ..adapters.io import fsync_dir, load_adapter, save_adapter
-from ..adapters.state import get_state, mole_aux_terms, set_routing_domains, set_token_tags
+from ..adapters.observe import set_token_tags
+from ..adapters.state import get_state, mole_aux_terms, set_routing_domains
 from ..data.templates import IGNORE_INDEX
 from . import distributed
 from ._hf_compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, CompatTrainer
