@@ -18,7 +18,8 @@ from test_collate import _tiny_llava
 from torch.utils.data import DataLoader
 
 from llava_mole.data.collate import DataCollator, InstructDataset
-from llava_mole.data.formats import LoadReport, load_llava_file
+from llava_mole.data.formats import LoadReport
+from llava_mole.data.records import load_llava_file
 
 IMAGE_KINDS = {
     "rgb": ((32, 32), "RGB"),

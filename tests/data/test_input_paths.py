@@ -7,8 +7,9 @@ import json
 import pytest
 
 from llava_mole.cli import main
-from llava_mole.data.formats import DataError, load_llava_file
+from llava_mole.data.formats import DataError
 from llava_mole.data.mixture import DataConfigError, load_mixture, load_split
+from llava_mole.data.records import load_llava_file
 from llava_mole.models.loading import ModelLoadError, check_model_dir
 from llava_mole.train.config import ConfigError, load_train_config
 

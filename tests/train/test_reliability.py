@@ -159,7 +159,8 @@ def test_half_written_checkpoint_is_never_latest(tmp_path):
 def test_image_paths_escaping_the_folder_are_rejected(tmp_path, bad):
     import json
 
-    from llava_mole.data.formats import LoadReport, load_llava_file
+    from llava_mole.data.formats import LoadReport
+    from llava_mole.data.records import load_llava_file
 
     (tmp_path / "images").mkdir()
     data = tmp_path / "data.json"

@@ -24,8 +24,6 @@ from .formats import (
     LoadReport,
     Sample,
     Skip,
-    load_llava_file,
-    validate_record,
 )
 from .hf import HFRows, HFSource, load_hf_samples, open_hf_split, resolve_columns, scan_hf_rows
 from .images import (
@@ -44,6 +42,7 @@ from .mixture import (
     load_mixture,
     load_split,
 )
+from .records import load_llava_file, validate_record
 from .selection import SampleView
 from .templates import (
     IGNORE_INDEX,

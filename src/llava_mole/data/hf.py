@@ -27,7 +27,7 @@ Column roles (``columns: {role: column}``): ``question`` + ``answer`` and/or ``a
 single-turn QA sample), or ``conversations`` (LLaVA turns) or ``messages`` (chat schema);
 ``image`` or ``images`` (a list with at most one image); ``id``. Without a mapping, columns
 named like the roles are used. Rows go through the same validation as JSON records
-(`formats.parse_record`) and bad rows are counted skips with the same reasons, plus
+(`records.parse_record`) and bad rows are counted skips with the same reasons, plus
 `missing_answer` for a QA row without an answer.
 """
 

@@ -6,7 +6,7 @@ the indices of the valid rows (8 bytes each) and builds the `Sample` of a row wh
 for, from the memory-mapped table: the same `Sample` that the eager reader builds (its image a
 reference into the table, or the checked path), without checking the image again.
 
-Rows go through the same validation as JSON records (`formats.parse_record`) and bad rows are
+Rows go through the same validation as JSON records (`records.parse_record`) and bad rows are
 counted skips with the same reasons, plus `missing_answer` for a QA row without an answer.
 """
 
@@ -28,11 +28,10 @@ from .formats import (
     LoadReport,
     Sample,
     Skip,
-    parse_record,
-    resolve_image_path,
 )
 from .hf_images import ImageReader, image_reader
 from .images import EmbeddedImage, ImageSource
+from .records import parse_record, resolve_image_path
 
 __all__ = [
     "BATCH_ROWS",

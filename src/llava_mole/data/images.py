@@ -154,7 +154,7 @@ def check_image_file(
 
 
 def image_checker(max_pixels: int = DEFAULT_MAX_PIXELS):
-    """Returns a ``check_image`` callable for `llava_mole.data.formats.validate_record` (it also
+    """Returns a ``check_image`` callable for `llava_mole.data.records.validate_record` (it also
     takes an `EmbeddedImage`)."""
 
     def check(path: ImageSource) -> Skip | None:

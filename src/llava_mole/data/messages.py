@@ -10,7 +10,7 @@ A record in this schema looks like::
 
 `to_llava_record` is the one place where it becomes the internal (LLaVA) representation: each
 message becomes a ``{"from": role, "value": text}`` turn and ``images`` becomes ``image``; the
-result then goes through the same validation as any LLaVA record (`formats.validate_record`),
+result then goes through the same validation as any LLaVA record (`records.validate_record`),
 so both schemas have the same rules and the same counted skip reasons.
 
 Conversion rules:

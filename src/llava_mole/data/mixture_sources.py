@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..paths import not_found_or, path_problem
 from .convert import PRESETS
-from .formats import DataConfigError, LoadReport, Sample, load_llava_file
+from .formats import DataConfigError, LoadReport, Sample
 from .hf import HFRows, HFSource, load_hf_samples, open_hf_split, resolve_columns, scan_hf_rows
+from .records import load_llava_file
 
 if TYPE_CHECKING:
     from .mixture import DatasetSpec, MixtureConfig

@@ -38,7 +38,8 @@ import yaml
 
 from ..adapters.io import atomic_write_bytes, load_adapter
 from ..adapters.merge import merge_and_save
-from ..data.formats import LoadReport, load_llava_file
+from ..data.formats import LoadReport
+from ..data.records import load_llava_file
 from ..models.families import FAMILIES
 from ..paths import not_found_or, path_problem
 from . import distributed
