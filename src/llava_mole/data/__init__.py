@@ -53,9 +53,8 @@ from .templates import (
     EncodeError,
     build_prompt_for_generation,
     encode_conversation,
-    image_token_id,
-    num_image_tokens,
 )
+from .tokens import image_token_id, num_image_tokens
 
 __all__ = [
     "ASSISTANT",

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from llava_mole.adapters.observe import RoutingTrace, trace_routing
-from llava_mole.data.templates import get_tokenizer
+from llava_mole.data.tokens import get_tokenizer
 from llava_mole.eval.batching import (
     ImageInput,
     image_batch,

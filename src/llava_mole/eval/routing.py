@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapters.observe import RoutingCapture
 from ..adapters.state import TOKEN_KINDS
-from ..data.templates import get_tokenizer
+from ..data.tokens import get_tokenizer
 from .batching import ImageInput, image_batch, model_device, model_dtype, pad_token_id
 
 __all__ = ["RoutingRow", "routing_forward", "routing_picture"]
