@@ -7,10 +7,10 @@ What it adds to the stock Trainer:
   auxiliary loss of each micro-batch (``mole_aux_loss``), averaged over micro-batches.
 * **Logging**: LM loss, balance loss, per-expert load and per-domain LM loss, reduced over
   processes at each logging step.
-* **Checkpoints**: adapter-only (``save_adapter`` format) plus optimizer, scheduler and RNG
-  state, written under a temporary name and renamed when complete, so a half-written
-  checkpoint is never taken as the latest. Under DeepSpeed the optimizer state is its
-  ``global_stepN/`` partitions (frozen base weights excluded), under FSDP2 ``optimizer.bin``.
+* **Checkpoints** (:mod:`.saving`): adapter-only (``save_adapter`` format) plus optimizer,
+  scheduler and RNG state, written under a temporary name and renamed when complete, so a
+  half-written checkpoint is never taken as the latest. Under DeepSpeed the optimizer state is
+  its ``global_stepN/`` partitions (frozen base weights excluded), under FSDP2 ``optimizer.bin``.
 * **Engines** (DeepSpeed ZeRO-2/3, FSDP2; see :mod:`.distributed`): the engine asked for is
   active or the run stops with one line, each rank's share of the trainable state is logged,
   and adapters are saved from the gathered full tensors.
@@ -23,34 +23,24 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..adapters.inject import PROJECTOR_NAME, adapter_info
-from ..adapters.io import fsync_dir, load_adapter, save_adapter
 from ..adapters.observe import set_token_tags
 from ..adapters.state import get_state, mole_aux_terms, set_routing_domains
 from ..data.templates import IGNORE_INDEX
 from . import distributed
-from ._hf_compat import PREFIX_CHECKPOINT_DIR, SCHEDULER_NAME, CompatTrainer
+from ._hf_compat import CompatTrainer
 from .arguments import MoLETrainingArguments
 from .callbacks import DenseRoutingWarmup
 from .checkpoints import (
-    TEMP_PREFIX,
-    folder_bytes,
-    fsync_tree,
-    is_write_failure,
-    latest_checkpoint,
     pick_checkpoint,
-    rotate_checkpoints,
-    write_failure,
 )
 from .guards import GradientGuard, NonFiniteLossError, _all_finite  # noqa: F401 (re-exported)
+from .saving import CheckpointWriting
 
 logger = logging.getLogger("llava_mole.train")
 
@@ -84,7 +74,7 @@ def token_cross_entropy(
     return loss.view(shift_labels.shape)
 
 
-class MoLETrainer(CompatTrainer):
+class MoLETrainer(CheckpointWriting, CompatTrainer):
     """Trainer for models adapted with :func:`llava_mole.apply_mole`.
 
     The MoLE settings are read from ``args`` when it is a
@@ -337,96 +327,6 @@ class MoLETrainer(CompatTrainer):
             )
             return self.optimizer
         return super().create_optimizer(model)
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The adapter (every trained tensor, in full) to ``output_dir`` from rank 0.
-
-        Under DeepSpeed and FSDP this is a collective: every rank must call it (each holds a
-        part); only the trainable tensors are gathered, never the frozen base.
-        """
-        output_dir = output_dir or self.args.output_dir
-        tensors = distributed.gathered_adapter_tensors(self) if self.uses_engine else None
-        if self.args.should_save:
-            save_adapter(
-                self.accelerator.unwrap_model(self.model),
-                output_dir,
-                self._extra_with_step(),
-                tensors=tensors,
-            )
-
-    def save_engine_optimizer(self, output_dir: str) -> None:
-        """Optimizer and scheduler state under DeepSpeed or FSDP2 (frozen base excluded)."""
-        if self.is_deepspeed_enabled:
-            # Optimizer partitions and the trainable tensors; the frozen base is not copied.
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-        else:
-            from accelerate.utils import save_fsdp_optimizer
-
-            save_fsdp_optimizer(
-                self.accelerator.state.fsdp_plugin,
-                self.accelerator,
-                self.optimizer,
-                self.model,
-                output_dir,
-            )
-        if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
-    def _extra_with_step(self) -> dict[str, Any] | None:
-        """The adapter's metadata plus the optimizer step it was saved at (for its card)."""
-        if self.adapter_extra is None:
-            return None
-        training = {**self.adapter_extra.get("training", {}), "steps": self.state.global_step}
-        return {**self.adapter_extra, "training": training}
-
-    def save_checkpoint_atomically(self, run_dir: Path) -> None:
-        """``checkpoint-N`` written under a temporary name, renamed once every file (adapter,
-        optimizer, scheduler, RNG, trainer state) is on disk."""
-        step = self.state.global_step
-        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        temp = run_dir / f"{TEMP_PREFIX}{step}-{self._temp_token()}"
-        if self.args.should_save:
-            shutil.rmtree(temp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            self.write_checkpoint_files(temp)
-            if self.args.should_save:
-                fsync_tree(temp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(temp, final)
-                fsync_dir(run_dir)
-        except Exception as err:
-            if not is_write_failure(err):
-                raise
-            shutil.rmtree(temp, ignore_errors=True)
-            raise write_failure(err, run_dir, self._checkpoint_bytes(run_dir)) from None
-        if self.args.should_save:
-            rotate_checkpoints(run_dir, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-
-    def _temp_token(self) -> str:
-        """A name part unique to this run's processes (rank 0's PID, shared with every rank)."""
-        if getattr(self, "_token", None) is None:
-            token = [str(os.getpid())]
-            if self.args.world_size > 1:
-                from accelerate.utils import broadcast_object_list
-
-                broadcast_object_list(token)
-            self._token = token[0]
-        return self._token
-
-    def _checkpoint_bytes(self, run_dir: Path) -> int:
-        """About what one checkpoint takes: the last one's size, else adapter + 2 Adam moments."""
-        last = folder_bytes(latest_checkpoint(run_dir))
-        trainable = 4 * distributed.trainable_numel(self.model)
-        return last or 3 * trainable + (1 << 20)
-
-    def load_adapter_checkpoint(self, checkpoint: str, model: Any = None) -> None:
-        """A checkpoint's adapter into ``model`` (default: the trainer's)."""
-        model = model if model is not None else self.model
-        load_adapter(self.accelerator.unwrap_model(model), checkpoint)
 
 
 def steps_for(num_samples: int, batch: int, accumulation: int, world: int, epochs: float) -> int:
