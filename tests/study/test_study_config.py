@@ -107,6 +107,17 @@ def test_numbers_written_as_text_are_numbers(world):
     assert study.training_config("mix_lora").train.learning_rate == 0.002
 
 
+def test_a_study_wide_shared_expert_is_moles_alone_and_counted_by_the_rank_kr_control(world):
+    study = load_study(
+        study_file(world, adapter={"rank": 1, "num_experts": 3, "shared_rank": 1, "mlp_rank": 2})
+    )
+    assert study.training_config("mix_mole").adapter.shared_rank == 1
+    for setting in ("single", "mix_lora", "mix_lora_2x"):
+        assert study.training_config(setting).adapter.shared_rank == 0  # plain LoRA has none
+    kr = study.training_config("mix_lora_rank_kr").adapter
+    assert (kr.shared_rank, kr.mlp_rank) == (0, 3 * 2 + 1)  # K experts of rank 2, shared rank 1
+
+
 def test_one_domain_mixture_is_refused(world):
     one = {"datasets": [{"domain": "general", "train": "a.json"}]}
     (world["root"] / "one.yaml").write_text(yaml.safe_dump(one), encoding="utf-8")

@@ -243,6 +243,48 @@ def test_a_plateau_cuts_the_learning_rate_before_a_plateau_ends_the_run(tmp_path
         again._scale_schedule(torch.optim.lr_scheduler.StepLR(optimizer, 5))
 
 
+def test_hold_counts_no_plateau_early_so_a_late_learner_keeps_its_learning_rate(tmp_path):
+    # An early plateau (steps 20-60), then learning: without a hold it cuts at 40 and stops
+    # at 60; with hold 0.5 of 100 steps nothing counts up to step 50, so the run lives on.
+    curve = [0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.7, 0.7, 0.7, 0.7]
+
+    def run(hold: float) -> tuple[dict, list[dict]]:
+        values = iter(curve)
+        state = TrainerState(max_steps=100)
+        state.log_history = []
+
+        def score(m: nn.Module) -> DevScore:
+            return DevScore({"d": next(values)}, {"d": 4})
+
+        def log(values: dict) -> None:
+            state.log_history.append({"step": state.global_step, **values})
+
+        rule = ConvergenceRule(every=10, patience=2, decays=1, hold=hold)
+        callback = DevEarlyStopping(rule, score, tmp_path / str(hold), log)
+        (tmp_path / str(hold)).mkdir()
+        callback.on_train_begin(None, state, TrainerControl())
+        _drive(callback, nn.Linear(2, 2), state, range(1, 101))
+        return callback.summary(), state.log_history
+
+    plain, _ = run(0.0)
+    assert (plain["lr_decayed_at"], plain["converged_at"], plain["best_step"]) == ([40], 60, 20)
+    held, history = run(0.5)
+    assert held["hold_steps"] == 50 and held["lr_decayed_at"] == [100]  # 90, 100: strikes
+    assert (
+        held["converged_at"] is None and held["best_step"] == 80 and held["best_dev_score"] == 0.7
+    )
+    # A resume replays the hold: the same decisions from the log history.
+    again = DevEarlyStopping(
+        ConvergenceRule(every=10, patience=2, decays=1, hold=0.5), None, tmp_path, None
+    )
+    state = TrainerState(max_steps=100)
+    state.log_history = [r for r in history if r["step"] <= 60]
+    again.on_train_begin(None, state, TrainerControl())
+    assert (again.progress.strikes, again.progress.decayed_at) == (1, [])
+    with pytest.raises(ValueError, match="hold must be in"):
+        ConvergenceRule(hold=1.0)
+
+
 def test_a_resumed_run_replays_its_learning_rate_cuts_exactly(tiny_world, tmp_path):
     import json
 

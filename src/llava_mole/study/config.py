@@ -139,6 +139,8 @@ class StudyConfig:
         context = registry.DeriveContext(len(self.domains), self.single_steps)
         base.derive(adapter, train_keys, context)
         adapter["type"] = base.adapter_type
+        if base.adapter_type == "lora":
+            adapter["shared_rank"] = 0  # a shared expert sits beside routed ones: not in LoRA
         train_keys["report_to"] = ["none"]
         return TrainConfig(
             model=ModelSection(path=str(self.model)),

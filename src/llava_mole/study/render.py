@@ -271,7 +271,8 @@ def _convergence_lines(results: StudyResults) -> list[str]:
         lines[4:4] = [
             "Runs trained to convergence (`train.dev_per_domain`) are judged by their dev split "
             "instead: converged when early stopping ended them (a dev plateau first cuts the "
-            "learning rate, `train.dev_decays` times, then ends the run), still improving when "
+            "learning rate, `train.dev_decays` times, then ends the run; no plateau counts "
+            "within the first `train.dev_hold` of the budget), still improving when "
             "they used their whole budget; their final weights are those of the best dev score "
             "(the mean of the last `train.dev_smooth` dev scores).",
             "",

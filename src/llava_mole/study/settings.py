@@ -104,12 +104,13 @@ def _twice_the_steps(adapter: dict[str, Any], train: dict[str, Any], ctx: Derive
 
 
 def _mlp_rank_kr(adapter: dict[str, Any], train: dict[str, Any], ctx: DeriveContext) -> None:
-    """MLP rank ``K * r``: exactly MoLE's MLP parameter count.
+    """MLP rank ``K * r`` (plus a shared expert's rank): exactly MoLE's MLP parameter count.
 
-    Attention LoRA stays as in MoLE and the scale ``alpha / r`` is unchanged; MoLE keeps only
-    its routers (``d * K`` per block) extra.
+    ``r`` is MoLE's MLP rank (``mlp_rank``, else ``rank``). Attention LoRA stays as in MoLE and
+    the scale ``alpha / r`` is unchanged; MoLE keeps only its routers (``d * K`` per block) extra.
     """
-    adapter["mlp_rank"] = adapter["num_experts"] * adapter["rank"]
+    expert_rank = adapter.get("mlp_rank") or adapter["rank"]
+    adapter["mlp_rank"] = adapter["num_experts"] * expert_rank + adapter.get("shared_rank", 0)
 
 
 SINGLE, MIX_LORA, MIX_MOLE = "single", "mix_lora", "mix_mole"

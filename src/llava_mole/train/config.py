@@ -126,6 +126,9 @@ class MoLESettings:
         dev_decay_factor: each cut multiplies the learning rate by this.
         dev_smooth: the rule judges the mean of the last this-many dev scores (a single lucky
             score then rarely holds the best).
+        dev_hold: share of ``max_steps`` during which a dev plateau counts for nothing (no
+            learning-rate cut, no stop; the best weights are still kept), so that a run that
+            sits on an early plateau keeps its learning rate until it leaves it. ``0``: off.
     """
 
     __pydantic_config__ = SCHEMA_CONFIG
@@ -146,6 +149,7 @@ class MoLESettings:
     dev_decays: Annotated[Int, at_least(0)] = 2
     dev_decay_factor: Annotated[Float, between(0, 1, low_open=True, high_open=True)] = 0.3
     dev_smooth: Annotated[Int, at_least(1)] = 3
+    dev_hold: Annotated[Float, between(0, 1, high_open=True)] = 0.0
 
 
 MOLE_SETTINGS = tuple(f.name for f in dataclasses.fields(MoLESettings))

@@ -23,7 +23,9 @@ Stopping rule
     schedule), and the strikes restart, at most ``decays`` times; the next ``patience`` strikes
     stop training. ``train.max_steps`` is the budget. The final adapter is the best one. The
     rule's state (best, strikes, learning-rate scale) is rebuilt from the logged dev scores of
-    the Trainer's log history, so a resumed run continues it exactly.
+    the Trainer's log history, so a resumed run continues it exactly. With ``hold > 0`` no
+    strike is counted during the first ``hold`` share of the budget (the best weights are
+    still kept), so neither a cut nor a stop can come before it.
 Why decay before stopping
     At a high learning rate the weights wander around a minimum, and the dev score of one
     evaluation is noisy; stopping at the first plateau then ends a run at a random point of
@@ -33,6 +35,13 @@ Why decay before stopping
     in reduce-on-plateau schedules. Smoothing serves the same end: the best of many noisy
     scores is mostly a lucky one (a domain at 59 of 60 dev items once), which later, better
     weights then cannot beat; the mean of a few evaluations is much less often a spike.
+Why hold
+    Some runs sit on a plateau early (skills world: a dev "count" score flat at 0.5 for 1,700
+    steps, three shapes not yet told from two) and then learn. Counted as strikes, that
+    plateau cuts the learning rate twice before the run starts learning, and the run then
+    learns at 0.09x the rate and is stopped on its next plateau: a bimodal seed failure made
+    by the rule, not by the model. Holding the strikes for the first part of the budget
+    leaves such runs their full learning rate until they have had time to leave the plateau.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ class ConvergenceRule:
         decays: Learning-rate cuts on a plateau before a plateau ends the run.
         decay_factor: Each cut multiplies the learning rate by this.
         smooth: Dev scores averaged into the judged score.
+        hold: Share of the budget (``max_steps``) during which no strike is counted: no
+            learning-rate cut and no stop before it.
     """
 
     every: int = 100
@@ -83,6 +94,7 @@ class ConvergenceRule:
     decays: int = 0
     decay_factor: float = 0.3
     smooth: int = 1
+    hold: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.every, self.patience, self.smooth) < 1 or min(self.min_delta, self.decays) < 0:
@@ -92,6 +104,8 @@ class ConvergenceRule:
             )
         if not 0 < self.decay_factor < 1:
             raise ValueError(f"convergence: decay_factor must be in (0, 1), got {self}")
+        if not 0 <= self.hold < 1:
+            raise ValueError(f"convergence: hold must be in [0, 1), got {self}")
 
 
 @dataclass(frozen=True)
@@ -211,11 +225,13 @@ class DevEarlyStopping(TrainerCallback):
         self.rule, self.score, self.log = rule, score, log
         self.best_path = Path(output_dir) / BEST_FILE
         self.progress = _Progress()
+        self.hold_steps = 0  # ``rule.hold`` of the run's budget, set when training begins
 
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         """Replays the logged dev scores of a resumed run through the rule, and puts the rule's
         learning-rate scale on top of the schedule."""
         self.progress = _Progress()
+        self.hold_steps = int(self.rule.hold * max(state.max_steps, 0))
         for record in state.log_history:
             if DEV_KEY in record:
                 self._judge(int(record["step"]), float(record[DEV_KEY]))
@@ -279,6 +295,8 @@ class DevEarlyStopping(TrainerCallback):
         if smoothed > p.best + self.rule.min_delta or not p.curve[:-1]:
             p.best, p.best_step, p.strikes = smoothed, step, 0
             return True
+        if step <= self.hold_steps:
+            return False  # held: a plateau this early is not counted
         p.strikes += 1
         if p.strikes < self.rule.patience:
             return False
@@ -319,6 +337,7 @@ class DevEarlyStopping(TrainerCallback):
             "best_dev_score": p.best,
             "converged_at": p.converged_at,
             "lr_decayed_at": list(p.decayed_at),
+            "hold_steps": self.hold_steps,
             "dev_curve": [[s, v] for s, v in p.curve],
             "rule": json.loads(json.dumps(self.rule.__dict__)),
         }

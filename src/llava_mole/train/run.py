@@ -273,6 +273,7 @@ def add_convergence(config: TrainConfig, trainer: MoLETrainer, processor, dev) -
         decays=t.dev_decays,
         decay_factor=t.dev_decay_factor,
         smooth=t.dev_smooth,
+        hold=t.dev_hold,
     )
     callback = DevEarlyStopping(rule, score, config.output_dir, trainer.log)
     trainer.add_callback(callback)
