@@ -33,6 +33,9 @@ BASE = ["model.path=m", "data.mixture=x.yaml", "output_dir=o"]
         ("train.dev_smooth=0", "train.dev_smooth: must be >= 1"),
         ("train.dev_patience=0", "train.dev_patience: must be >= 1"),
         ("train.dev_every=0", "train.dev_every: must be >= 1"),
+        ("train.dev_hold=1", r"train.dev_hold: must be in \[0, 1\)"),
+        ("train.dev_hold=-0.1", r"train.dev_hold: must be in \[0, 1\)"),
+        ("adapter.shared_rank=-1", "shared_rank: must be an integer >= 0"),
         ("train.num_workers=-1", "train.num_workers: must be >= 0"),
         ("adapter.mlp_targets=[nope]", "'nope' is not one of"),
     ],
@@ -48,6 +51,7 @@ def test_out_of_range_settings_are_refused(setting, match):
         ("train.dev_decay_factor=1.5", "train.dev_decay_factor: must be in (0, 1) (got 1.5)"),
         ("train.dev_smooth=0", "train.dev_smooth: must be >= 1 (got 0)"),
         ("train.dev_decays=-2", "train.dev_decays: must be >= 0 (got -2)"),
+        ("train.dev_hold=1.5", "train.dev_hold: must be in [0, 1) (got 1.5)"),
     ],
 )
 def test_the_cli_refuses_an_out_of_range_rule_setting_in_one_line(tmp_path, capsys, setting, shown):
